@@ -1,0 +1,130 @@
+"""The model card: the JSON file beside every ONNX model in models/<name>/<version>/.
+
+It is the whole contract a served model has with the world: what it expects as input (and so how preprocessing
+builds that input), what it outputs, how it was trained and how good it is on held-out data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CARD_FILE = "model.json"
+ONNX_FILE = "model.onnx"
+
+
+class InputSpec(BaseModel):
+    """How an image becomes the model's input tensor, float32 NCHW."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    channels: Literal[1, 3]
+    height: int = Field(gt=0, le=4096)
+    width: int = Field(gt=0, le=4096)
+    resize: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    normalization: Literal["scale", "mean_std", "minmax"] = "scale"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    polarity: Literal["as_is", "dark_background"] = "as_is"
+
+    @model_validator(mode="after")
+    def _mean_std_match_channels(self) -> InputSpec:
+        if self.normalization == "mean_std":
+            if self.mean is None or self.std is None:
+                raise ValueError("mean_std normalization needs mean and std")
+            if len(self.mean) != self.channels or len(self.std) != self.channels:
+                raise ValueError("mean and std need one value per channel")
+            if min(self.std) <= 0:
+                raise ValueError("std must be positive")
+        return self
+
+    def describe(self) -> str:
+        norm = {
+            "scale": "scaled to [0, 1]",
+            "minmax": "min-max normalised per image to [0, 1]",
+            "mean_std": f"scaled to [0, 1], minus mean {self.mean}, divided by std {self.std}",
+        }[self.normalization]
+        mode = "grayscale" if self.channels == 1 else "RGB"
+        return f"{mode} {self.width}x{self.height} ({self.resize} resize), {norm}"
+
+
+class TensorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    shape: list[int]  # -1 marks the dynamic batch dimension
+    description: str = ""
+
+
+class OnnxInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    file: str = ONNX_FILE
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    opset: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    parity_max_abs_diff: float | None = None
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    version: str = Field(pattern=r"^[0-9]+$")
+    kind: Literal["classifier", "autoencoder"]
+    task: str
+    description: str = ""
+    intended_input: str = ""
+    classes: list[str] = Field(default_factory=list)
+    positive_class: str | None = None
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    threshold_rule: str | None = None
+    input: InputSpec
+    onnx: OnnxInfo
+    architecture: str
+    parameters: int
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    splits: dict[str, int] = Field(default_factory=dict)
+    dataset: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelCard:
+        if self.kind == "classifier":
+            if len(self.classes) < 2:
+                raise ValueError("a classifier needs at least two classes")
+            if len(set(self.classes)) != len(self.classes):
+                raise ValueError("class names must be unique")
+        if self.positive_class is not None and self.positive_class not in self.classes:
+            raise ValueError(f"positive_class {self.positive_class!r} is not one of the classes")
+        if (self.threshold is None) != (self.positive_class is None):
+            raise ValueError("threshold and positive_class go together")
+        return self
+
+    @property
+    def is_binary(self) -> bool:
+        return self.kind == "classifier" and len(self.classes) == 2
+
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / CARD_FILE
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> ModelCard:
+        return cls.model_validate_json((Path(folder) / CARD_FILE).read_text())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,1 @@
+"""Offline training: declared task specs → trained, evaluated, ONNX-exported models in models/."""

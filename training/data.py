@@ -1,0 +1,250 @@
+"""Dataset loading: discover samples, drop duplicates across splits, carve missing splits, decode once and cache.
+
+Every image goes through :func:`contract.preprocessing.load_pixels` (the same code serving runs on uploads), and the
+resulting uint8 arrays are cached on disk keyed by the dataset's content fingerprint and the input spec, so later
+runs and later epochs never decode a JPEG again.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from tqdm.auto import tqdm
+
+from contract.preprocessing import image_to_pixels, load_pixels
+from training.tasks import TaskSpec
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+SPLIT_ALIASES = {
+    "train": "train", "training": "train", "training_set": "train",
+    "val": "val", "valid": "val", "validation": "val",
+    "test": "test", "testing": "test", "test_set": "test",
+}
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Item:
+    """One labelled sample before decoding; ``digest`` is the hash of its content, used to find duplicates."""
+
+    id: str
+    label: str
+    digest: str
+    pixels: Callable[[], np.ndarray]
+
+
+@dataclass
+class Split:
+    pixels: np.ndarray  # uint8 (N, C, H, W)
+    labels: np.ndarray  # int64 (N,)
+    ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    classes: list[str]
+    splits: dict[str, Split]
+    fingerprint: str
+    notes: list[str] = field(default_factory=list)
+
+    def sizes(self) -> dict[str, int]:
+        return {name: len(split) for name, split in self.splits.items()}
+
+    def class_counts(self, split: str) -> dict[str, int]:
+        counts = np.bincount(self.splits[split].labels, minlength=len(self.classes))
+        return dict(zip(self.classes, counts.tolist(), strict=True))
+
+
+# --- sources: each returns {split name: [Item, ...]} for whichever splits the data has ---------------------------
+
+
+def read_image_folders(spec: TaskSpec, root: Path) -> dict[str, list[Item]]:
+    """``<root>/<split>/<class>/*.<image>``, or ``<root>/<class>/*`` when there are no split folders."""
+    split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() in SPLIT_ALIASES}
+    if not split_dirs:
+        split_dirs = {"train": root}
+    items: dict[str, list[Item]] = {}
+    for split, folder in split_dirs.items():
+        files = []
+        for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
+            label = class_dir.name if spec.class_map is None else spec.class_map.get(class_dir.name)
+            if label is None:
+                continue
+            files += [(p, label) for p in sorted(class_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        items[split] = [_file_item(path, label, root, spec) for path, label in tqdm(files, desc=f"hash {split}", leave=False)]
+    return items
+
+
+def _file_item(path: Path, label: str, root: Path, spec: TaskSpec) -> Item:
+    data = path.read_bytes()
+    return Item(
+        id=str(path.relative_to(root)),
+        label=label,
+        digest=hashlib.sha256(data).hexdigest(),
+        pixels=lambda: load_pixels(data, spec.input),
+    )
+
+
+def read_mnist_idx(spec: TaskSpec, root: Path, cache_dir: Path) -> dict[str, list[Item]]:
+    """torchvision's ``MNIST/raw`` layout of the four IDX files (``.gz`` or extracted); no download."""
+    from torchvision.datasets import MNIST
+
+    raw = root / "MNIST" / "raw"
+    if not raw.is_dir():
+        raise DataError(f"{root} has no MNIST/raw folder with the four IDX files")
+    work = cache_dir / "mnist"
+    (work / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+    for source in raw.iterdir():
+        target = work / "MNIST" / "raw" / source.name.removesuffix(".gz")
+        if not target.exists():
+            with (gzip.open(source) if source.suffix == ".gz" else open(source, "rb")) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    items: dict[str, list[Item]] = {}
+    for split, train in (("train", True), ("test", False)):
+        mnist = MNIST(str(work), train=train, download=False)
+        images, targets = mnist.data.numpy(), mnist.targets.numpy()
+        items[split] = [
+            Item(
+                id=f"{split}/{i}",
+                label=mnist.classes[t].split(" ")[0],
+                digest=hashlib.sha256(images[i].tobytes()).hexdigest(),
+                pixels=lambda a=images[i]: image_to_pixels(Image.fromarray(a), spec.input),
+            )
+            for i, t in enumerate(targets)
+        ]
+    return items
+
+
+# --- splitting ------------------------------------------------------------------------------------------------------
+
+
+def _drop_conflicts_and_leaks(items: dict[str, list[Item]], notes: list[str]) -> dict[str, list[Item]]:
+    """Exact duplicates never straddle splits, and copies with conflicting labels are dropped altogether."""
+    labels_by_digest: dict[str, set[str]] = {}
+    for split_items in items.values():
+        for item in split_items:
+            labels_by_digest.setdefault(item.digest, set()).add(item.label)
+    conflicting = {d for d, labels in labels_by_digest.items() if len(labels) > 1}
+    if conflicting:
+        notes.append(f"dropped {len(conflicting)} images whose identical copies carry different labels")
+    held_out = {item.digest for split in ("val", "test") for item in items.get(split, [])}
+    cleaned = {}
+    for split, split_items in items.items():
+        keep = [i for i in split_items if i.digest not in conflicting]
+        if split == "train":
+            leaked = [i for i in keep if i.digest in held_out]
+            if leaked:
+                notes.append(f"dropped {len(leaked)} training images with an identical copy in val/test")
+            keep = [i for i in keep if i.digest not in held_out]
+        cleaned[split] = keep
+    if "val" in cleaned and "test" in cleaned:
+        test_digests = {i.digest for i in cleaned["test"]}
+        cleaned["val"] = [i for i in cleaned["val"] if i.digest not in test_digests]
+    return cleaned
+
+
+def _carve(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """Split off ``fraction`` of the duplicate groups, stratified by label; copies of one image stay together."""
+    groups: dict[str, list[Item]] = {}
+    for item in items:
+        groups.setdefault(item.digest, []).append(item)
+    keys = sorted(groups)
+    labels = [groups[k][0].label for k in keys]
+    stratify = labels if min(Counter(labels).values()) >= 2 else None
+    try:
+        rest, taken = train_test_split(keys, test_size=fraction, random_state=seed, stratify=stratify)
+    except ValueError:  # too few samples per class for stratification: fall back to a plain random split
+        rest, taken = train_test_split(keys, test_size=fraction, random_state=seed)
+    return [i for k in sorted(rest) for i in groups[k]], [i for k in sorted(taken) for i in groups[k]]
+
+
+def assign_splits(items: dict[str, list[Item]], spec: TaskSpec, seed: int, notes: list[str]) -> dict[str, list[Item]]:
+    items = _drop_conflicts_and_leaks(items, notes)
+    if "train" not in items or not items["train"]:
+        raise DataError("no training images found")
+    total = sum(len(v) for v in items.values())
+    if not items.get("test"):
+        share = spec.test_fraction * total / len(items["train"])
+        items["train"], items["test"] = _carve(items["train"], share, seed)
+        notes.append(f"test split carved from train ({spec.test_fraction:.0%} of all images, stratified, seed {seed})")
+    if not items.get("val"):
+        share = spec.val_fraction * total / len(items["train"])
+        items["train"], items["val"] = _carve(items["train"], share, seed + 1)
+        notes.append(f"val split carved from train ({spec.val_fraction:.0%} of all images, stratified, seed {seed})")
+    return {split: items[split] for split in SPLITS}
+
+
+# --- decoding and cache -----------------------------------------------------------------------------------------------
+
+
+def _decode(items: list[Item], desc: str) -> np.ndarray:
+    with ThreadPoolExecutor() as pool:  # Pillow releases the GIL while decoding
+        arrays = list(tqdm(pool.map(lambda item: item.pixels(), items), total=len(items), desc=desc, leave=False))
+    return np.stack(arrays)
+
+
+def load_dataset(spec: TaskSpec, root: Path, seed: int = 0, cache_dir: Path = Path(".cache")) -> Dataset:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist. Expected layout: {spec.data_hint}")
+    if spec.source == "mnist_idx":
+        raw_items = read_mnist_idx(spec, root, cache_dir)
+    else:
+        raw_items = read_image_folders(spec, root)
+    if not any(raw_items.values()):
+        raise DataError(f"no images found under {root}. Expected layout: {spec.data_hint}")
+
+    notes: list[str] = []
+    items = assign_splits(raw_items, spec, seed, notes)
+    found = sorted({i.label for split in items.values() for i in split})
+    classes = list(spec.classes) if spec.classes else found
+    missing = set(found) - set(classes)
+    if missing or len(classes) < 2:
+        raise DataError(f"found classes {found}, expected {classes}")
+
+    manifest = sorted((split, i.id, i.label, i.digest) for split, lst in items.items() for i in lst)
+    fingerprint = hashlib.sha256(json.dumps(manifest).encode()).hexdigest()
+    key = hashlib.sha256((fingerprint + spec.input.model_dump_json()).encode()).hexdigest()[:16]
+    cache_file = Path(cache_dir) / f"{spec.name}-{key}.npz"
+
+    index = {c: n for n, c in enumerate(classes)}
+    if cache_file.exists():
+        cached = np.load(cache_file, allow_pickle=False)
+        pixels = {split: cached[split] for split in SPLITS}
+        log.info("loaded decoded images from cache %s", cache_file)
+    else:
+        pixels = {split: _decode(items[split], f"decode {split}") for split in SPLITS}
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp.npz")
+        np.savez(tmp, **pixels)
+        tmp.replace(cache_file)
+    splits = {
+        split: Split(
+            pixels=pixels[split],
+            labels=np.array([index[i.label] for i in items[split]], dtype=np.int64),
+            ids=[i.id for i in items[split]],
+        )
+        for split in SPLITS
+    }
+    return Dataset(classes=classes, splits=splits, fingerprint=fingerprint, notes=notes)

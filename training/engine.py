@@ -1,0 +1,234 @@
+"""The training loop: class-weighted loss, checkpoint-best, reduce-LR-on-plateau, early stopping, AMP on CUDA."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset as TorchDataset
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+from contract.card import InputSpec
+from contract.preprocessing import normalize
+from training.data import Split
+from training.tasks import Augment, Recipe
+
+log = logging.getLogger(__name__)
+
+
+def build_augmentation(augment: Augment, square: bool) -> v2.Transform | None:
+    steps: list[v2.Transform] = []
+    if augment.right_angles and square:
+        steps.append(v2.RandomChoice([v2.RandomRotation((a, a)) for a in (0, 90, 180, 270)]))
+    if augment.rotation or augment.shift or augment.shear or augment.zoom:
+        steps.append(
+            v2.RandomAffine(
+                degrees=augment.rotation,
+                translate=(augment.shift, augment.shift) if augment.shift else None,
+                scale=(1 - augment.zoom, 1 + augment.zoom) if augment.zoom else None,
+                shear=augment.shear or None,
+                interpolation=v2.InterpolationMode.BILINEAR,
+            )
+        )
+    if augment.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if augment.vflip:
+        steps.append(v2.RandomVerticalFlip())
+    return v2.Compose(steps) if steps else None
+
+
+class PixelDataset(TorchDataset):
+    """Cached uint8 pixels, augmented per sample; normalisation happens per batch in :class:`Normalize`."""
+
+    def __init__(self, split: Split, transform: v2.Transform | None) -> None:
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        pixels = torch.from_numpy(self.split.pixels[index])
+        if self.transform is not None:
+            pixels = self.transform(pixels)
+        return pixels, int(self.split.labels[index])
+
+
+class Normalize:
+    """Collate a batch and normalise it with the contract's own function (the one serving uses)."""
+
+    def __init__(self, spec: InputSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = torch.stack([p for p, _ in batch]).numpy()
+        labels = torch.tensor([label for _, label in batch])
+        return torch.from_numpy(normalize(pixels, self.spec)), labels
+
+
+def make_loader(split: Split, spec: InputSpec, batch_size: int, augment: Augment | None, workers: int,
+                shuffle: bool, seed: int) -> DataLoader:
+    transform = build_augmentation(augment, spec.height == spec.width) if augment else None
+    return DataLoader(
+        PixelDataset(split, transform),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        collate_fn=Normalize(spec),
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """scikit-learn's "balanced" weights, n / (k * n_c); classes absent from training get weight 0."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+@dataclass
+class Objective:
+    """What the loop optimises: a loss on (model output, inputs, labels) and an optional accuracy."""
+
+    loss: Callable[[object, torch.Tensor, torch.Tensor], torch.Tensor]
+    accuracy: Callable[[object, torch.Tensor], torch.Tensor] | None = None
+
+
+def classification(weights: torch.Tensor | None) -> Objective:
+    criterion = nn.CrossEntropyLoss(weight=weights)
+    return Objective(
+        loss=lambda out, x, y: criterion(out, y),
+        accuracy=lambda out, y: (out.argmax(1) == y).float().mean(),
+    )
+
+
+def reconstruction() -> Objective:
+    criterion = nn.MSELoss()
+    return Objective(loss=lambda out, x, y: criterion(out[0], x))
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val_loss: float
+    epochs_run: int
+    seconds: float
+    images_per_second: float
+    checkpoint: Path
+
+
+def _run_epoch(model, loader, objective, device, optimizer=None, scaler=None, amp=False, channels_last=False, desc=""):
+    training = optimizer is not None
+    model.train(training)
+    total_loss = total_acc = count = 0.0
+    bar = tqdm(loader, desc=desc, leave=False, unit="batch")
+    with torch.set_grad_enabled(training):
+        for x, y in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, enabled=amp):
+                out = model(x)
+                loss = objective.loss(out, x, y)
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            n = len(y)
+            total_loss += loss.item() * n
+            if objective.accuracy is not None:
+                total_acc += objective.accuracy(out, y).item() * n
+            count += n
+            bar.set_postfix(loss=f"{total_loss / count:.4f}")
+    return total_loss / count, (total_acc / count if objective.accuracy else float("nan")), int(count)
+
+
+def fit(model: nn.Module, train: DataLoader, val: DataLoader, objective: Objective, recipe: Recipe,
+        device: torch.device, run_dir: Path, *, amp: bool = False, channels_last: bool = False,
+        tensorboard: bool = False, tag: str = "") -> FitResult:
+    """Train with checkpoint-best on validation loss, reduce-LR-on-plateau and early stopping; log every epoch."""
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    amp = amp and device.type == "cuda"
+    optimizer = make_optimizer(model, recipe)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=recipe.plateau_factor, patience=recipe.plateau_patience, min_lr=recipe.min_lr
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    writer = None
+    if tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(run_dir / "tensorboard" / tag)
+    checkpoint = run_dir / f"best{'-' + tag if tag else ''}.pt"
+    history_file = run_dir / f"history{'-' + tag if tag else ''}.csv"
+    best_loss, best_epoch, stale, images, started = float("inf"), 0, 0, 0, time.perf_counter()
+    with open(history_file, "w", newline="") as handle:
+        history = csv.writer(handle)
+        history.writerow(["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"])
+        for epoch in range(1, recipe.epochs + 1):
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            tr_loss, tr_acc, n = _run_epoch(model, train, objective, device, optimizer, scaler, amp, channels_last,
+                                            desc=f"{tag or 'train'} epoch {epoch}/{recipe.epochs}")
+            va_loss, va_acc, _ = _run_epoch(model, val, objective, device, amp=amp, channels_last=channels_last,
+                                            desc="validate")
+            images += n
+            seconds = time.perf_counter() - t0
+            history.writerow([epoch, f"{lr:.3g}", f"{tr_loss:.5f}", f"{tr_acc:.4f}", f"{va_loss:.5f}", f"{va_acc:.4f}",
+                              f"{seconds:.1f}"])
+            handle.flush()
+            if writer is not None:
+                for name, value in (("loss/train", tr_loss), ("loss/val", va_loss), ("acc/train", tr_acc),
+                                    ("acc/val", va_acc), ("lr", lr)):
+                    writer.add_scalar(name, value, epoch)
+            improved = va_loss < best_loss - 1e-6
+            if improved:
+                best_loss, best_epoch, stale = va_loss, epoch, 0
+                torch.save({"state_dict": model.state_dict(), "epoch": epoch, "val_loss": va_loss}, checkpoint)
+            else:
+                stale += 1
+            tqdm.write(f"{tag or 'epoch'} {epoch:3d}  lr {lr:.2e}  train loss {tr_loss:.4f} acc {tr_acc:.4f}  "
+                       f"val loss {va_loss:.4f} acc {va_acc:.4f}  {seconds:.0f}s{'  *best' if improved else ''}")
+            scheduler.step(va_loss)
+            if stale >= recipe.early_stopping_patience:
+                tqdm.write(f"early stopping: no val-loss improvement for {stale} epochs")
+                break
+    if writer is not None:
+        writer.close()
+    elapsed = time.perf_counter() - started
+    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    model.load_state_dict(state["state_dict"])
+    return FitResult(best_epoch, best_loss, epoch, elapsed, images / elapsed, checkpoint)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, pixels: np.ndarray, spec: InputSpec, device: torch.device,
+            batch_size: int = 256) -> np.ndarray:
+    """Model outputs for cached uint8 pixels, normalised by the contract (softmax probabilities for classifiers)."""
+    model.eval().to(device)
+    outputs = []
+    for start in range(0, len(pixels), batch_size):
+        x = torch.from_numpy(normalize(pixels[start : start + batch_size], spec)).to(device)
+        out = model(x)
+        outputs.append((out[0] if isinstance(out, tuple) else out.softmax(1)).float().cpu().numpy())
+    return np.concatenate(outputs)

@@ -1,0 +1,130 @@
+"""ONNX export, verified against PyTorch on real validation images, and publication into the model repository."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from contract.card import CARD_FILE, ONNX_FILE, ModelCard, OnnxInfo, TensorSpec, sha256_file
+from contract.preprocessing import normalize
+
+OPSET = 18
+PARITY_ATOL = 1e-4  # max |p_onnx - p_torch| for probabilities / reconstructions
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+class WithSoftmax(nn.Module):
+    """The served graph outputs probabilities, so serving needs no knowledge of the head."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).softmax(dim=1)
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, output_names: list[str]) -> None:
+    """Export with a dynamic batch dimension into one self-contained file and run onnx.checker on it."""
+    module = module.eval().cpu()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            (example.cpu(),),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=["input"],
+            output_names=output_names,
+            dynamic_shapes=({0: batch},),
+            external_data=False,
+            verbose=False,
+        )
+    program.save(str(path), external_data=False)
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def verify_parity(module: nn.Module, path: Path, pixels: np.ndarray, spec) -> float:
+    """onnxruntime must agree with PyTorch on real images: same argmax everywhere, outputs within PARITY_ATOL."""
+    inputs = normalize(pixels, spec)
+    with torch.no_grad():
+        expected = module.eval().cpu()(torch.from_numpy(inputs))
+    expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    actual = session.run(None, {"input": inputs})
+    worst = max(float(np.abs(a - e).max()) for a, e in zip(actual, expected, strict=True))
+    if worst > PARITY_ATOL:
+        raise ExportError(f"ONNX output differs from PyTorch by {worst:.2e} (> {PARITY_ATOL:g}) on validation images")
+    if expected[0].ndim == 2 and not np.array_equal(actual[0].argmax(1), expected[0].argmax(1)):
+        raise ExportError("ONNX and PyTorch predict different classes for some validation images")
+    return worst
+
+
+def onnx_tensors(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    graph = onnx.load(str(path)).graph
+
+    def specs(values) -> list[TensorSpec]:
+        return [
+            TensorSpec(name=v.name, shape=[d.dim_value if d.HasField("dim_value") else -1
+                                           for d in v.type.tensor_type.shape.dim])
+            for v in values
+        ]
+
+    return specs(graph.input), specs(graph.output)
+
+
+def next_version(models_dir: Path, name: str) -> str:
+    existing = [int(p.name) for p in (models_dir / name).glob("*") if p.is_dir() and p.name.isdigit()]
+    return str(max(existing, default=0) + 1)
+
+
+def library_versions() -> dict[str, str]:
+    import sklearn
+    import torchvision
+
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "onnx": onnx.__version__, "onnxruntime": ort.__version__, "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+def publish(onnx_path: Path, card_fields: dict, models_dir: Path, report_files: list[Path],
+            parity: float, version: str | None = None) -> Path:
+    """Copy the verified ONNX file into models/<name>/<version>/ and write its card and run report beside it."""
+    name = card_fields["name"]
+    version = version or next_version(models_dir, name)
+    target = models_dir / name / version
+    if target.exists():
+        raise ExportError(f"{target} already exists; pass another --version or remove it")
+    target.mkdir(parents=True)
+    shutil.copyfile(onnx_path, target / ONNX_FILE)
+    inputs, outputs = onnx_tensors(target / ONNX_FILE)
+    card = ModelCard(
+        version=version,
+        onnx=OnnxInfo(sha256=sha256_file(target / ONNX_FILE), opset=OPSET, inputs=inputs, outputs=outputs,
+                      parity_max_abs_diff=parity),
+        versions=library_versions(),
+        **card_fields,
+    )
+    card.save(target)
+    report = target / "report"
+    report.mkdir()
+    for file in report_files:
+        if file.exists():
+            shutil.copyfile(file, report / file.name)
+    json.loads((target / CARD_FILE).read_text())  # the card must round-trip
+    return target

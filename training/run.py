@@ -1,0 +1,299 @@
+"""Train one task end to end: data → training → held-out evaluation → report → verified ONNX in models/.
+
+    python -m training.run chest_xray --data ../shared/datasets/chest_xray
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training import architectures, tasks
+from training.architectures import count_parameters, create_model
+from training.architectures.autoencoder import CodeClassifier
+from training.data import DataError, Dataset, load_dataset
+from training.engine import (
+    balanced_class_weights, classification, fit, make_loader, predict, reconstruction,
+)
+from training.evaluate import (
+    choose_threshold, classification_metrics, plot_confusion, plot_curves, plot_history, plot_reconstructions,
+)
+from training.export import ExportError, WithSoftmax, export_onnx, publish, verify_parity
+from training.tasks import TaskSpec
+
+log = logging.getLogger("training")
+REPORT_FILES = ("metrics.json", "config.json", "history.csv", "curves.png", "roc.png", "pr.png", "confusion.png",
+                "history-autoencoder.csv", "curves-autoencoder.png", "reconstructions.png")
+
+
+@dataclass
+class RunConfig:
+    task: str
+    data: str
+    arch: str
+    arch_options: dict
+    pretrained: bool
+    image_size: int
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    device: str
+    workers: int
+    amp: bool
+    channels_last: bool
+    augment: bool
+    name: str
+    models_dir: str
+    runs_dir: str
+    cache_dir: str
+    export: bool
+    version: str | None
+    tensorboard: bool
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.run",
+        description="Train one task end to end: load the dataset, augment, train with checkpoint-best, reduce-LR-on-"
+        "plateau and early stopping, evaluate on a held-out test split (metrics and plots in the run folder), and "
+        "export the best checkpoint to ONNX, verified against PyTorch, into the model repository with a model card.",
+        epilog="Tasks: " + "; ".join(f"{t.name}: {t.data_hint}" for t in tasks.TASKS.values())
+        + ". Architectures: " + ", ".join(architectures.list_models()) + ".",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("task", choices=sorted(tasks.TASKS), help="which task spec to train")
+    parser.add_argument("--data", required=True, type=Path, help="dataset root (layout per task, see below)")
+    parser.add_argument("--arch", help="architecture (default: the task's)", choices=architectures.list_models())
+    parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                        help="start from ImageNet weights (default: the task's choice)")
+    parser.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
+    parser.add_argument("--batch-size", type=int, help="batch size")
+    parser.add_argument("--lr", type=float, help="initial learning rate")
+    parser.add_argument("--image-size", type=int, help="square input size in pixels (default: the task's)")
+    parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    parser.add_argument("--dropout", type=float, help="dropout rate, for architectures that take it (0 disables)")
+    parser.add_argument("--init", choices=["glorot", "zeros", "ones", "default"], help="weight initialiser")
+    parser.add_argument("--depth", type=int, help="number of conv blocks, for architectures that take it")
+    parser.add_argument("--width", type=float, help="width multiplier / base filters, for architectures that take it")
+    parser.add_argument("--freeze", type=float, help="fraction of a pretrained backbone to freeze (0..1)")
+    parser.add_argument("--val-fraction", type=float, help="share of all images carved out for validation")
+    parser.add_argument("--test-fraction", type=float, help="share of all images carved out for testing")
+    parser.add_argument("--min-sensitivity", type=float,
+                        help="binary tasks: threshold = highest with this validation sensitivity")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                        help="automatic mixed precision (CUDA only)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    parser.add_argument("--workers", type=int, default=1, help="data-loader worker processes for augmentation")
+    parser.add_argument("--seed", type=int, default=0, help="seed for splits, initialisation and augmentation")
+    parser.add_argument("--name", help="model name in the repository (default: the task name)")
+    parser.add_argument("--out", type=Path, default=Path("models"), help="model repository to publish into")
+    parser.add_argument("--version", help="model version to write (default: next integer)")
+    parser.add_argument("--no-export", action="store_true", help="evaluate only; do not publish to the repository")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders (reports) go")
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="decoded-image cache")
+    parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard in the run folder")
+    return parser.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
+    spec = tasks.get_task(args.task)
+    recipe = replace(spec.recipe, **{k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
+                                                         ("lr", args.lr)) if v is not None})
+    changes: dict = {"recipe": recipe}
+    if args.image_size:
+        changes["input"] = spec.input.model_copy(update={"height": args.image_size, "width": args.image_size})
+    for field_name in ("val_fraction", "test_fraction", "min_sensitivity"):
+        if getattr(args, field_name) is not None:
+            changes[field_name] = getattr(args, field_name)
+    spec = spec.with_overrides(**changes)
+    arch = args.arch or spec.arch
+    options = dict(spec.arch_options) if arch == spec.arch else {}
+    for option in ("dropout", "init", "depth", "width", "freeze"):
+        value = getattr(args, option)
+        if value is not None:
+            options[option] = value
+    pretrained = spec.pretrained if args.pretrained is None else args.pretrained
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    config = RunConfig(
+        task=spec.name, data=str(args.data), arch=arch, arch_options=options, pretrained=pretrained,
+        image_size=spec.input.height, epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
+        seed=args.seed, device=device, workers=args.workers, amp=args.amp, channels_last=args.channels_last,
+        augment=not args.no_augment, name=args.name or spec.name, models_dir=str(args.out),
+        runs_dir=str(args.runs_dir), cache_dir=str(args.cache_dir), export=not args.no_export,
+        version=args.version, tensorboard=args.tensorboard,
+    )
+    return spec, config
+
+
+def _card_fields(spec: TaskSpec, config: RunConfig, data: Dataset, model, metrics: dict, kind: str, name: str,
+                 classes: list[str], threshold: float | None, rule: str | None, arch: str) -> dict:
+    return dict(
+        name=name, kind=kind, task=spec.name, description=spec.description, intended_input=spec.intended_input,
+        classes=classes, positive_class=spec.positive_class if threshold is not None else None,
+        threshold=threshold, threshold_rule=rule, input=spec.input, architecture=arch,
+        parameters=count_parameters(model), metrics=metrics, splits=data.sizes(),
+        dataset={"fingerprint": data.fingerprint, "source": spec.data_hint, "notes": data.notes,
+                 "class_counts": {s: data.class_counts(s) for s in data.splits}},
+        training=asdict(config),
+    )
+
+
+def train_classifier(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir: Path, device: torch.device) -> dict:
+    k = len(data.classes)
+    model = create_model(config.arch, in_chans=spec.input.channels, num_classes=k, image_size=spec.input.height,
+                         pretrained=config.pretrained, **config.arch_options)
+    log.info("%s: %s with %s parameters, %s", spec.name, config.arch, f"{count_parameters(model):,}", data.sizes())
+    weights = balanced_class_weights(data.splits["train"].labels, k) if spec.recipe.class_weights else None
+    augment = spec.augment if config.augment else None
+    train = make_loader(data.splits["train"], spec.input, config.batch_size, augment, config.workers, True, config.seed)
+    val = make_loader(data.splits["val"], spec.input, 256, None, 0, False, config.seed)
+    result = fit(model, train, val, classification(weights.to(device) if weights is not None else None),
+                 spec.recipe, device, run_dir, amp=config.amp, channels_last=config.channels_last,
+                 tensorboard=config.tensorboard)
+    return finish_classifier(spec, config, data, run_dir, device, model, result, config.name, config.arch)
+
+
+def finish_classifier(spec, config, data, run_dir, device, model, result, name, arch) -> dict:
+    """Threshold on validation, metrics and plots on test, export and publish."""
+    classes = data.classes
+    val_probs = predict(model, data.splits["val"].pixels, spec.input, device)
+    test_probs = predict(model, data.splits["test"].pixels, spec.input, device)
+    positive = classes.index(spec.positive_class) if spec.positive_class in classes and len(classes) == 2 else None
+    threshold = rule = None
+    if positive is not None:
+        threshold, rule = choose_threshold(data.splits["val"].labels == positive, val_probs[:, positive],
+                                           spec.min_sensitivity)
+    test_labels = data.splits["test"].labels
+    metrics = {
+        "test": classification_metrics(test_labels, test_probs, classes, positive, threshold),
+        "val": classification_metrics(data.splits["val"].labels, val_probs, classes, positive, threshold),
+        "training": {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                     "best_val_loss": result.best_val_loss, "seconds": round(result.seconds, 1),
+                     "train_images_per_second": round(result.images_per_second, 1), "device": str(device)},
+    }
+    if positive is not None:
+        metrics["test"]["argmax_accuracy"] = float((test_probs.argmax(1) == test_labels).mean())
+    plot_history(result.checkpoint.with_name(result.checkpoint.stem.replace("best", "history") + ".csv"),
+                 run_dir / "curves.png", name)
+    plot_curves(test_labels, test_probs, classes, positive, run_dir, name)
+    plot_confusion(metrics["test"]["confusion_matrix"], classes, run_dir / "confusion.png", name)
+    fields = _card_fields(spec, config, data, model, metrics, "classifier", name, classes, threshold, rule, arch)
+    _write_report(run_dir, fields, metrics)
+    if config.export:
+        _export_and_publish(WithSoftmax(model), ["probabilities"], spec, config, data, run_dir, fields)
+    return metrics
+
+
+def train_autoencoder(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir: Path, device: torch.device) -> dict:
+    """Two stages: the autoencoder (MSE), then a classifier on its frozen code. Exports both models."""
+    k = len(data.classes)
+    autoencoder = create_model(config.arch, in_chans=spec.input.channels, num_classes=k,
+                               image_size=spec.input.height, **config.arch_options)
+    augment = spec.augment if config.augment else None
+    train = make_loader(data.splits["train"], spec.input, config.batch_size, augment, config.workers, True, config.seed)
+    val = make_loader(data.splits["val"], spec.input, 512, None, 0, False, config.seed)
+    stage1 = fit(autoencoder, train, val, reconstruction(), spec.recipe, device, run_dir, amp=config.amp,
+                 tensorboard=config.tensorboard, tag="autoencoder")
+    plot_history(run_dir / "history-autoencoder.csv", run_dir / "curves-autoencoder.png", f"{config.name} autoencoder")
+
+    classifier = CodeClassifier(copy.deepcopy(autoencoder.encoder), autoencoder.decoder[0].in_features, k)
+    for param in classifier.encoder.parameters():
+        param.requires_grad_(False)
+    stage2 = fit(classifier, train, val, classification(None), spec.recipe, device, run_dir, amp=config.amp,
+                 tensorboard=config.tensorboard)
+    arch = f"{config.arch}+code_classifier"
+    if spec.recipe.finetune_epochs:
+        frozen_probs = predict(classifier, data.splits["test"].pixels, spec.input, device)
+        frozen_accuracy = float((frozen_probs.argmax(1) == data.splits["test"].labels).mean())
+        log.info("classifier on the frozen code: test accuracy %.4f; now fine-tuning encoder and head", frozen_accuracy)
+        for param in classifier.encoder.parameters():
+            param.requires_grad_(True)
+        finetune = replace(spec.recipe, epochs=spec.recipe.finetune_epochs, lr=spec.recipe.lr / 10)
+        stage2 = fit(classifier, train, val, classification(None), finetune, device, run_dir, amp=config.amp,
+                     tensorboard=config.tensorboard, tag="finetune")
+        arch += " (encoder fine-tuned)"
+    metrics = finish_classifier(spec, config, data, run_dir, device, classifier, stage2, config.name, arch)
+    if spec.recipe.finetune_epochs:
+        metrics["test"]["frozen_encoder_accuracy"] = frozen_accuracy
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    test = data.splits["test"].pixels
+    recon = predict(autoencoder, test, spec.input, device)
+    from contract.preprocessing import normalize
+
+    mse = float(np.mean((recon - normalize(test, spec.input)) ** 2))
+    plot_reconstructions(normalize(test[:16], spec.input), recon[:16], run_dir / "reconstructions.png")
+    ae_metrics = {"test": {"reconstruction_mse": mse, "n": len(test)},
+                  "training": {"best_epoch": stage1.best_epoch, "epochs_run": stage1.epochs_run,
+                               "best_val_loss": stage1.best_val_loss, "seconds": round(stage1.seconds, 1)}}
+    log.info("autoencoder test reconstruction MSE %.5f", mse)
+    fields = _card_fields(spec, config, data, autoencoder, ae_metrics, "autoencoder", f"{config.name}_autoencoder",
+                          [], None, None, config.arch)
+    (run_dir / "metrics-autoencoder.json").write_text(json.dumps(ae_metrics, indent=2))
+    if config.export:
+        _export_and_publish(autoencoder, ["reconstruction", "code"], spec, config, data, run_dir, fields)
+    return {"classifier": metrics, "autoencoder": ae_metrics}
+
+
+def _write_report(run_dir: Path, fields: dict, metrics: dict) -> None:
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    test = metrics["test"]
+    summary = {k: test.get(k) for k in ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1",
+                                        "roc_auc", "pr_auc", "threshold")}
+    log.info("%s test metrics: %s", fields["name"], json.dumps({k: v for k, v in summary.items() if v is not None}))
+
+
+def _export_and_publish(module, outputs: list[str], spec: TaskSpec, config: RunConfig, data: Dataset,
+                        run_dir: Path, fields: dict) -> None:
+    onnx_path = run_dir / f"{fields['name']}.onnx"
+    c, h, w = spec.input.channels, spec.input.height, spec.input.width
+    export_onnx(module, torch.zeros(2, c, h, w), onnx_path, outputs)
+    parity = verify_parity(module, onnx_path, data.splits["val"].pixels[:128], spec.input)
+    report = [run_dir / f for f in REPORT_FILES]
+    if fields["kind"] == "autoencoder":
+        report = [run_dir / "metrics-autoencoder.json", run_dir / "history-autoencoder.csv",
+                  run_dir / "curves-autoencoder.png", run_dir / "reconstructions.png", run_dir / "config.json"]
+    target = publish(onnx_path, fields, Path(config.models_dir), report, parity, config.version)
+    log.info("published %s (ONNX parity max |diff| %.1e)", target, parity)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("onnxscript").setLevel(logging.WARNING)
+    args = parse_args(argv)
+    try:
+        spec, config = resolve(args)
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for, but PyTorch sees no CUDA device")
+        device = torch.device(config.device)
+        run_dir = Path(config.runs_dir) / config.name / time.strftime("%Y%m%d-%H%M%S")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+        log.info("run folder %s", run_dir)
+        data = load_dataset(spec, Path(config.data), config.seed, Path(config.cache_dir))
+        for note in data.notes:
+            log.info("data: %s", note)
+        trainer = train_autoencoder if spec.kind == "autoencoder" else train_classifier
+        trainer(spec, config, data, run_dir, device)
+        log.info("report in %s", run_dir)
+        return 0
+    except (DataError, ExportError, ValueError, RuntimeError, KeyError) as error:
+        log.error("%s", error)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
