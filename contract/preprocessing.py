@@ -53,7 +53,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     except Image.DecompressionBombError:
         raise TooManyPixels(f"the image has more than {max_pixels} pixels") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"the image header could not be read ({error})") from None
+        raise ImageError(f"the image header could not be read: the file is truncated or corrupt ({error})") from None
     if image.format not in ACCEPTED_FORMATS:
         raise ImageError(f"unsupported image format {image.format}; send PNG or JPEG")
     width, height = image.size
@@ -73,10 +73,10 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         array = np.asarray(image, dtype=np.float64)
         full_scale = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
-        return Image.fromarray(np.clip(array / full_scale * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(array / full_scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
     if image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8))
     return image
 
 

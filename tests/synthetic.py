@@ -18,12 +18,20 @@ def make_image(label: int, size: int, mode: str, rng: np.random.Generator) -> Im
     else:
         half = size // 5
         pixels[max(cy - half, 0) : cy + half, max(cx - half, 0) : cx + half] = min(255, 120 + 60 * label)
-    image = Image.fromarray(pixels, mode="L")
+    image = Image.fromarray(pixels)
     return image.convert(mode)
 
 
-def make_image_folder(root: Path, classes: list[str], per_class: int, size: int = 40, mode: str = "L",
-                      splits: tuple[str, ...] = ("train",), seed: int = 0, suffix: str = ".png") -> Path:
+def make_image_folder(
+    root: Path,
+    classes: list[str],
+    per_class: int,
+    size: int = 40,
+    mode: str = "L",
+    splits: tuple[str, ...] = ("train",),
+    seed: int = 0,
+    suffix: str = ".png",
+) -> Path:
     rng = np.random.default_rng(seed)
     for split in splits:
         for label, name in enumerate(classes):

@@ -30,9 +30,15 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLIT_ALIASES = {
-    "train": "train", "training": "train", "training_set": "train",
-    "val": "val", "valid": "val", "validation": "val",
-    "test": "test", "testing": "test", "test_set": "test",
+    "train": "train",
+    "training": "train",
+    "training_set": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+    "test_set": "test",
 }
 SPLITS = ("train", "val", "test")
 
@@ -79,9 +85,13 @@ class Dataset:
 # --- sources: each returns {split name: [Item, ...]} for whichever splits the data has ---------------------------
 
 
-def read_image_folders(spec: TaskSpec, root: Path) -> dict[str, list[Item]]:
+def read_image_folders(spec: TaskSpec, root: Path, cache_dir: Path) -> dict[str, list[Item]]:
     """``<root>/<split>/<class>/*.<image>``, or ``<root>/<class>/*`` when there are no split folders."""
-    split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() in SPLIT_ALIASES}
+    split_dirs = {
+        SPLIT_ALIASES[d.name.lower()]: d
+        for d in sorted(root.iterdir())
+        if d.is_dir() and d.name.lower() in SPLIT_ALIASES
+    }
     if not split_dirs:
         split_dirs = {"train": root}
     items: dict[str, list[Item]] = {}
@@ -92,7 +102,9 @@ def read_image_folders(spec: TaskSpec, root: Path) -> dict[str, list[Item]]:
             if label is None:
                 continue
             files += [(p, label) for p in sorted(class_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-        items[split] = [_file_item(path, label, root, spec) for path, label in tqdm(files, desc=f"hash {split}", leave=False)]
+        items[split] = [
+            _file_item(path, label, root, spec) for path, label in tqdm(files, desc=f"hash {split}", leave=False)
+        ]
     return items
 
 
@@ -118,7 +130,7 @@ def read_mnist_idx(spec: TaskSpec, root: Path, cache_dir: Path) -> dict[str, lis
     for source in raw.iterdir():
         target = work / "MNIST" / "raw" / source.name.removesuffix(".gz")
         if not target.exists():
-            with (gzip.open(source) if source.suffix == ".gz" else open(source, "rb")) as src, open(target, "wb") as dst:
+            with gzip.open(source) if source.suffix == ".gz" else open(source, "rb") as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst)
     items: dict[str, list[Item]] = {}
     for split, train in (("train", True), ("test", False)):
@@ -134,6 +146,12 @@ def read_mnist_idx(spec: TaskSpec, root: Path, cache_dir: Path) -> dict[str, lis
             for i, t in enumerate(targets)
         ]
     return items
+
+
+SOURCES: dict[str, Callable[[TaskSpec, Path, Path], dict[str, list[Item]]]] = {
+    "image_folders": read_image_folders,
+    "mnist_idx": read_mnist_idx,
+}
 
 
 # --- splitting ------------------------------------------------------------------------------------------------------
@@ -208,10 +226,7 @@ def load_dataset(spec: TaskSpec, root: Path, seed: int = 0, cache_dir: Path = Pa
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist. Expected layout: {spec.data_hint}")
-    if spec.source == "mnist_idx":
-        raw_items = read_mnist_idx(spec, root, cache_dir)
-    else:
-        raw_items = read_image_folders(spec, root)
+    raw_items = SOURCES[spec.source](spec, root, cache_dir)
     if not any(raw_items.values()):
         raise DataError(f"no images found under {root}. Expected layout: {spec.data_hint}")
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset as TorchDataset
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
@@ -73,8 +74,9 @@ class Normalize:
         return torch.from_numpy(normalize(pixels, self.spec)), labels
 
 
-def make_loader(split: Split, spec: InputSpec, batch_size: int, augment: Augment | None, workers: int,
-                shuffle: bool, seed: int) -> DataLoader:
+def make_loader(
+    split: Split, spec: InputSpec, batch_size: int, augment: Augment | None, workers: int, shuffle: bool, seed: int
+) -> DataLoader:
     transform = build_augmentation(augment, spec.height == spec.width) if augment else None
     return DataLoader(
         PixelDataset(split, transform),
@@ -161,9 +163,20 @@ def _run_epoch(model, loader, objective, device, optimizer=None, scaler=None, am
     return total_loss / count, (total_acc / count if objective.accuracy else float("nan")), int(count)
 
 
-def fit(model: nn.Module, train: DataLoader, val: DataLoader, objective: Objective, recipe: Recipe,
-        device: torch.device, run_dir: Path, *, amp: bool = False, channels_last: bool = False,
-        tensorboard: bool = False, tag: str = "") -> FitResult:
+def fit(
+    model: nn.Module,
+    train: DataLoader,
+    val: DataLoader,
+    objective: Objective,
+    recipe: Recipe,
+    device: torch.device,
+    run_dir: Path,
+    *,
+    amp: bool = False,
+    channels_last: bool = False,
+    tensorboard: bool = False,
+    tag: str = "",
+) -> FitResult:
     """Train with checkpoint-best on validation loss, reduce-LR-on-plateau and early stopping; log every epoch."""
     model.to(device)
     if channels_last:
@@ -188,18 +201,42 @@ def fit(model: nn.Module, train: DataLoader, val: DataLoader, objective: Objecti
         for epoch in range(1, recipe.epochs + 1):
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            tr_loss, tr_acc, n = _run_epoch(model, train, objective, device, optimizer, scaler, amp, channels_last,
-                                            desc=f"{tag or 'train'} epoch {epoch}/{recipe.epochs}")
-            va_loss, va_acc, _ = _run_epoch(model, val, objective, device, amp=amp, channels_last=channels_last,
-                                            desc="validate")
+            tr_loss, tr_acc, n = _run_epoch(
+                model,
+                train,
+                objective,
+                device,
+                optimizer,
+                scaler,
+                amp,
+                channels_last,
+                desc=f"{tag or 'train'} epoch {epoch}/{recipe.epochs}",
+            )
+            va_loss, va_acc, _ = _run_epoch(
+                model, val, objective, device, amp=amp, channels_last=channels_last, desc="validate"
+            )
             images += n
             seconds = time.perf_counter() - t0
-            history.writerow([epoch, f"{lr:.3g}", f"{tr_loss:.5f}", f"{tr_acc:.4f}", f"{va_loss:.5f}", f"{va_acc:.4f}",
-                              f"{seconds:.1f}"])
+            history.writerow(
+                [
+                    epoch,
+                    f"{lr:.3g}",
+                    f"{tr_loss:.5f}",
+                    f"{tr_acc:.4f}",
+                    f"{va_loss:.5f}",
+                    f"{va_acc:.4f}",
+                    f"{seconds:.1f}",
+                ]
+            )
             handle.flush()
             if writer is not None:
-                for name, value in (("loss/train", tr_loss), ("loss/val", va_loss), ("acc/train", tr_acc),
-                                    ("acc/val", va_acc), ("lr", lr)):
+                for name, value in (
+                    ("loss/train", tr_loss),
+                    ("loss/val", va_loss),
+                    ("acc/train", tr_acc),
+                    ("acc/val", va_acc),
+                    ("lr", lr),
+                ):
                     writer.add_scalar(name, value, epoch)
             improved = va_loss < best_loss - 1e-6
             if improved:
@@ -207,8 +244,10 @@ def fit(model: nn.Module, train: DataLoader, val: DataLoader, objective: Objecti
                 torch.save({"state_dict": model.state_dict(), "epoch": epoch, "val_loss": va_loss}, checkpoint)
             else:
                 stale += 1
-            tqdm.write(f"{tag or 'epoch'} {epoch:3d}  lr {lr:.2e}  train loss {tr_loss:.4f} acc {tr_acc:.4f}  "
-                       f"val loss {va_loss:.4f} acc {va_acc:.4f}  {seconds:.0f}s{'  *best' if improved else ''}")
+            tqdm.write(
+                f"{tag or 'epoch'} {epoch:3d}  lr {lr:.2e}  train loss {tr_loss:.4f} acc {tr_acc:.4f}  "
+                f"val loss {va_loss:.4f} acc {va_acc:.4f}  {seconds:.0f}s{'  *best' if improved else ''}"
+            )
             scheduler.step(va_loss)
             if stale >= recipe.early_stopping_patience:
                 tqdm.write(f"early stopping: no val-loss improvement for {stale} epochs")
@@ -222,8 +261,9 @@ def fit(model: nn.Module, train: DataLoader, val: DataLoader, objective: Objecti
 
 
 @torch.no_grad()
-def predict(model: nn.Module, pixels: np.ndarray, spec: InputSpec, device: torch.device,
-            batch_size: int = 256) -> np.ndarray:
+def predict(
+    model: nn.Module, pixels: np.ndarray, spec: InputSpec, device: torch.device, batch_size: int = 256
+) -> np.ndarray:
     """Model outputs for cached uint8 pixels, normalised by the contract (softmax probabilities for classifiers)."""
     model.eval().to(device)
     outputs = []

@@ -33,8 +33,13 @@ def _specificity(cm: np.ndarray) -> np.ndarray:
     return tn / np.maximum(tn + fp, 1)
 
 
-def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str],
-                           positive: int | None = None, threshold: float | None = None) -> dict:
+def classification_metrics(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    positive: int | None = None,
+    threshold: float | None = None,
+) -> dict:
     """All reported metrics. Binary tasks are scored for the positive class at the stored threshold."""
     k = len(classes)
     if positive is not None and threshold is not None:
@@ -71,17 +76,25 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[
     if positive is not None:
         pos = per_class[classes[positive]]
         result.update(
-            precision=pos["precision"], recall=pos["recall"], sensitivity=pos["recall"],
-            specificity=pos["specificity"], f1=pos["f1"], roc_auc=pos["roc_auc"], pr_auc=pos["pr_auc"],
+            precision=pos["precision"],
+            recall=pos["recall"],
+            sensitivity=pos["recall"],
+            specificity=pos["specificity"],
+            f1=pos["f1"],
+            roc_auc=pos["roc_auc"],
+            pr_auc=pos["pr_auc"],
             threshold=threshold,
         )
     else:
         aucs = [per_class[classes[c]]["roc_auc"] for c in present if per_class[classes[c]]["roc_auc"] is not None]
         prs = [per_class[classes[c]]["pr_auc"] for c in present if per_class[classes[c]]["pr_auc"] is not None]
         result.update(
-            precision=float(np.mean(precision[present])), recall=float(np.mean(recall[present])),
-            f1=float(np.mean(f1[present])), specificity=float(np.mean(specificity[present])),
-            roc_auc=float(np.mean(aucs)) if aucs else None, pr_auc=float(np.mean(prs)) if prs else None,
+            precision=float(np.mean(precision[present])),
+            recall=float(np.mean(recall[present])),
+            f1=float(np.mean(f1[present])),
+            specificity=float(np.mean(specificity[present])),
+            roc_auc=float(np.mean(aucs)) if aucs else None,
+            pr_auc=float(np.mean(prs)) if prs else None,
             averaging="macro over classes present in the split",
         )
     return result
@@ -111,8 +124,9 @@ def plot_history(history_csv: Path, out: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_curves(labels: np.ndarray, probs: np.ndarray, classes: list[str], positive: int | None, out_dir: Path,
-                title: str) -> None:
+def plot_curves(
+    labels: np.ndarray, probs: np.ndarray, classes: list[str], positive: int | None, out_dir: Path, title: str
+) -> None:
     """ROC and precision-recall curves: the positive class for binary tasks, one curve per class otherwise."""
     curve_classes = [positive] if positive is not None else list(range(len(classes)))
     for kind in ("roc", "pr"):
@@ -150,8 +164,14 @@ def plot_confusion(cm: list[list[int]], classes: list[str], out: Path, title: st
     ax.set_yticks(range(len(classes)), classes)
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
-                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(matrix[i, j]),
+                ha="center",
+                va="center",
+                color="white" if matrix[i, j] > matrix.max() / 2 else "black",
+            )
     ax.set(xlabel="predicted", ylabel="true", title=f"{title}: confusion matrix (test)")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()

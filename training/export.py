@@ -78,8 +78,10 @@ def onnx_tensors(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
     def specs(values) -> list[TensorSpec]:
         return [
-            TensorSpec(name=v.name, shape=[d.dim_value if d.HasField("dim_value") else -1
-                                           for d in v.type.tensor_type.shape.dim])
+            TensorSpec(
+                name=v.name,
+                shape=[d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim],
+            )
             for v in values
         ]
 
@@ -96,14 +98,24 @@ def library_versions() -> dict[str, str]:
     import torchvision
 
     return {
-        "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "onnx": onnx.__version__, "onnxruntime": ort.__version__, "numpy": np.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "numpy": np.__version__,
         "scikit-learn": sklearn.__version__,
     }
 
 
-def publish(onnx_path: Path, card_fields: dict, models_dir: Path, report_files: list[Path],
-            parity: float, version: str | None = None) -> Path:
+def publish(
+    onnx_path: Path,
+    card_fields: dict,
+    models_dir: Path,
+    report_files: list[Path],
+    parity: float,
+    version: str | None = None,
+) -> Path:
     """Copy the verified ONNX file into models/<name>/<version>/ and write its card and run report beside it."""
     name = card_fields["name"]
     version = version or next_version(models_dir, name)
@@ -115,8 +127,13 @@ def publish(onnx_path: Path, card_fields: dict, models_dir: Path, report_files: 
     inputs, outputs = onnx_tensors(target / ONNX_FILE)
     card = ModelCard(
         version=version,
-        onnx=OnnxInfo(sha256=sha256_file(target / ONNX_FILE), opset=OPSET, inputs=inputs, outputs=outputs,
-                      parity_max_abs_diff=parity),
+        onnx=OnnxInfo(
+            sha256=sha256_file(target / ONNX_FILE),
+            opset=OPSET,
+            inputs=inputs,
+            outputs=outputs,
+            parity_max_abs_diff=parity,
+        ),
         versions=library_versions(),
         **card_fields,
     )

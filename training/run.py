@@ -1,12 +1,13 @@
 """Train one task end to end: data → training → held-out evaluation → report → verified ONNX in models/.
 
-    python -m training.run chest_xray --data ../shared/datasets/chest_xray
+python -m training.run chest_xray --data ../shared/datasets/chest_xray
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import logging
 import sys
@@ -22,17 +23,37 @@ from training.architectures import count_parameters, create_model
 from training.architectures.autoencoder import CodeClassifier
 from training.data import DataError, Dataset, load_dataset
 from training.engine import (
-    balanced_class_weights, classification, fit, make_loader, predict, reconstruction,
+    balanced_class_weights,
+    classification,
+    fit,
+    make_loader,
+    predict,
+    reconstruction,
 )
 from training.evaluate import (
-    choose_threshold, classification_metrics, plot_confusion, plot_curves, plot_history, plot_reconstructions,
+    choose_threshold,
+    classification_metrics,
+    plot_confusion,
+    plot_curves,
+    plot_history,
+    plot_reconstructions,
 )
 from training.export import ExportError, WithSoftmax, export_onnx, publish, verify_parity
 from training.tasks import TaskSpec
 
 log = logging.getLogger("training")
-REPORT_FILES = ("metrics.json", "config.json", "history.csv", "curves.png", "roc.png", "pr.png", "confusion.png",
-                "history-autoencoder.csv", "curves-autoencoder.png", "reconstructions.png")
+REPORT_FILES = (
+    "metrics.json",
+    "config.json",
+    "history.csv",
+    "curves.png",
+    "roc.png",
+    "pr.png",
+    "confusion.png",
+    "history-autoencoder.csv",
+    "curves-autoencoder.png",
+    "reconstructions.png",
+)
 
 
 @dataclass
@@ -67,15 +88,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train one task end to end: load the dataset, augment, train with checkpoint-best, reduce-LR-on-"
         "plateau and early stopping, evaluate on a held-out test split (metrics and plots in the run folder), and "
         "export the best checkpoint to ONNX, verified against PyTorch, into the model repository with a model card.",
-        epilog="Tasks: " + "; ".join(f"{t.name}: {t.data_hint}" for t in tasks.TASKS.values())
-        + ". Architectures: " + ", ".join(architectures.list_models()) + ".",
+        epilog="Tasks: "
+        + "; ".join(f"{t.name}: {t.data_hint}" for t in tasks.TASKS.values())
+        + ". Architectures: "
+        + ", ".join(architectures.list_models())
+        + ".",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("task", choices=sorted(tasks.TASKS), help="which task spec to train")
     parser.add_argument("--data", required=True, type=Path, help="dataset root (layout per task, see below)")
     parser.add_argument("--arch", help="architecture (default: the task's)", choices=architectures.list_models())
-    parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
-                        help="start from ImageNet weights (default: the task's choice)")
+    parser.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start from ImageNet weights (default: the task's choice)",
+    )
     parser.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
     parser.add_argument("--batch-size", type=int, help="batch size")
     parser.add_argument("--lr", type=float, help="initial learning rate")
@@ -88,11 +116,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--freeze", type=float, help="fraction of a pretrained backbone to freeze (0..1)")
     parser.add_argument("--val-fraction", type=float, help="share of all images carved out for validation")
     parser.add_argument("--test-fraction", type=float, help="share of all images carved out for testing")
-    parser.add_argument("--min-sensitivity", type=float,
-                        help="binary tasks: threshold = highest with this validation sensitivity")
+    parser.add_argument(
+        "--min-sensitivity", type=float, help="binary tasks: threshold = highest with this validation sensitivity"
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                        help="automatic mixed precision (CUDA only)")
+    parser.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=True, help="automatic mixed precision (CUDA only)"
+    )
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     parser.add_argument("--workers", type=int, default=1, help="data-loader worker processes for augmentation")
     parser.add_argument("--seed", type=int, default=0, help="seed for splits, initialisation and augmentation")
@@ -108,8 +138,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
     spec = tasks.get_task(args.task)
-    recipe = replace(spec.recipe, **{k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
-                                                         ("lr", args.lr)) if v is not None})
+    recipe = replace(
+        spec.recipe,
+        **{
+            k: v
+            for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
+            if v is not None
+        },
+    )
     changes: dict = {"recipe": recipe}
     if args.image_size:
         changes["input"] = spec.input.model_copy(update={"height": args.image_size, "width": args.image_size})
@@ -126,41 +162,97 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
     pretrained = spec.pretrained if args.pretrained is None else args.pretrained
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     config = RunConfig(
-        task=spec.name, data=str(args.data), arch=arch, arch_options=options, pretrained=pretrained,
-        image_size=spec.input.height, epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
-        seed=args.seed, device=device, workers=args.workers, amp=args.amp, channels_last=args.channels_last,
-        augment=not args.no_augment, name=args.name or spec.name, models_dir=str(args.out),
-        runs_dir=str(args.runs_dir), cache_dir=str(args.cache_dir), export=not args.no_export,
-        version=args.version, tensorboard=args.tensorboard,
+        task=spec.name,
+        data=str(args.data),
+        arch=arch,
+        arch_options=options,
+        pretrained=pretrained,
+        image_size=spec.input.height,
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        seed=args.seed,
+        device=device,
+        workers=args.workers,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        augment=not args.no_augment,
+        name=args.name or spec.name,
+        models_dir=str(args.out),
+        runs_dir=str(args.runs_dir),
+        cache_dir=str(args.cache_dir),
+        export=not args.no_export,
+        version=args.version,
+        tensorboard=args.tensorboard,
     )
     return spec, config
 
 
-def _card_fields(spec: TaskSpec, config: RunConfig, data: Dataset, model, metrics: dict, kind: str, name: str,
-                 classes: list[str], threshold: float | None, rule: str | None, arch: str) -> dict:
+def _card_fields(
+    spec: TaskSpec,
+    config: RunConfig,
+    data: Dataset,
+    model,
+    metrics: dict,
+    kind: str,
+    name: str,
+    classes: list[str],
+    threshold: float | None,
+    rule: str | None,
+    arch: str,
+) -> dict:
     return dict(
-        name=name, kind=kind, task=spec.name, description=spec.description, intended_input=spec.intended_input,
-        classes=classes, positive_class=spec.positive_class if threshold is not None else None,
-        threshold=threshold, threshold_rule=rule, input=spec.input, architecture=arch,
-        parameters=count_parameters(model), metrics=metrics, splits=data.sizes(),
-        dataset={"fingerprint": data.fingerprint, "source": spec.data_hint, "notes": data.notes,
-                 "class_counts": {s: data.class_counts(s) for s in data.splits}},
+        name=name,
+        kind=kind,
+        task=spec.name,
+        description=spec.description,
+        intended_input=spec.intended_input,
+        classes=classes,
+        positive_class=spec.positive_class if threshold is not None else None,
+        threshold=threshold,
+        threshold_rule=rule,
+        input=spec.input,
+        architecture=arch,
+        parameters=count_parameters(model),
+        metrics=metrics,
+        splits=data.sizes(),
+        dataset={
+            "fingerprint": data.fingerprint,
+            "source": spec.data_hint,
+            "notes": data.notes,
+            "class_counts": {s: data.class_counts(s) for s in data.splits},
+        },
         training=asdict(config),
     )
 
 
 def train_classifier(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir: Path, device: torch.device) -> dict:
     k = len(data.classes)
-    model = create_model(config.arch, in_chans=spec.input.channels, num_classes=k, image_size=spec.input.height,
-                         pretrained=config.pretrained, **config.arch_options)
+    model = create_model(
+        config.arch,
+        in_chans=spec.input.channels,
+        num_classes=k,
+        image_size=spec.input.height,
+        pretrained=config.pretrained,
+        **config.arch_options,
+    )
     log.info("%s: %s with %s parameters, %s", spec.name, config.arch, f"{count_parameters(model):,}", data.sizes())
     weights = balanced_class_weights(data.splits["train"].labels, k) if spec.recipe.class_weights else None
     augment = spec.augment if config.augment else None
     train = make_loader(data.splits["train"], spec.input, config.batch_size, augment, config.workers, True, config.seed)
     val = make_loader(data.splits["val"], spec.input, 256, None, 0, False, config.seed)
-    result = fit(model, train, val, classification(weights.to(device) if weights is not None else None),
-                 spec.recipe, device, run_dir, amp=config.amp, channels_last=config.channels_last,
-                 tensorboard=config.tensorboard)
+    result = fit(
+        model,
+        train,
+        val,
+        classification(weights.to(device) if weights is not None else None),
+        spec.recipe,
+        device,
+        run_dir,
+        amp=config.amp,
+        channels_last=config.channels_last,
+        tensorboard=config.tensorboard,
+    )
     return finish_classifier(spec, config, data, run_dir, device, model, result, config.name, config.arch)
 
 
@@ -168,24 +260,38 @@ def finish_classifier(spec, config, data, run_dir, device, model, result, name, 
     """Threshold on validation, metrics and plots on test, export and publish."""
     classes = data.classes
     val_probs = predict(model, data.splits["val"].pixels, spec.input, device)
+    started = time.perf_counter()
     test_probs = predict(model, data.splits["test"].pixels, spec.input, device)
+    ms_per_image = (time.perf_counter() - started) * 1000 / max(len(test_probs), 1)
     positive = classes.index(spec.positive_class) if spec.positive_class in classes and len(classes) == 2 else None
     threshold = rule = None
     if positive is not None:
-        threshold, rule = choose_threshold(data.splits["val"].labels == positive, val_probs[:, positive],
-                                           spec.min_sensitivity)
+        threshold, rule = choose_threshold(
+            data.splits["val"].labels == positive, val_probs[:, positive], spec.min_sensitivity
+        )
     test_labels = data.splits["test"].labels
     metrics = {
         "test": classification_metrics(test_labels, test_probs, classes, positive, threshold),
         "val": classification_metrics(data.splits["val"].labels, val_probs, classes, positive, threshold),
-        "training": {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                     "best_val_loss": result.best_val_loss, "seconds": round(result.seconds, 1),
-                     "train_images_per_second": round(result.images_per_second, 1), "device": str(device)},
+        "training": {
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "best_val_loss": result.best_val_loss,
+            "seconds": round(result.seconds, 1),
+            "train_images_per_second": round(result.images_per_second, 1),
+            "device": str(device),
+            "train_accuracy": _train_accuracy_at(result),
+            "parameters": count_parameters(model),
+            "ms_per_image": round(ms_per_image, 3),
+        },
     }
     if positive is not None:
         metrics["test"]["argmax_accuracy"] = float((test_probs.argmax(1) == test_labels).mean())
-    plot_history(result.checkpoint.with_name(result.checkpoint.stem.replace("best", "history") + ".csv"),
-                 run_dir / "curves.png", name)
+    plot_history(
+        result.checkpoint.with_name(result.checkpoint.stem.replace("best", "history") + ".csv"),
+        run_dir / "curves.png",
+        name,
+    )
     plot_curves(test_labels, test_probs, classes, positive, run_dir, name)
     plot_confusion(metrics["test"]["confusion_matrix"], classes, run_dir / "confusion.png", name)
     fields = _card_fields(spec, config, data, model, metrics, "classifier", name, classes, threshold, rule, arch)
@@ -198,20 +304,40 @@ def finish_classifier(spec, config, data, run_dir, device, model, result, name, 
 def train_autoencoder(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir: Path, device: torch.device) -> dict:
     """Two stages: the autoencoder (MSE), then a classifier on its frozen code. Exports both models."""
     k = len(data.classes)
-    autoencoder = create_model(config.arch, in_chans=spec.input.channels, num_classes=k,
-                               image_size=spec.input.height, **config.arch_options)
+    autoencoder = create_model(
+        config.arch, in_chans=spec.input.channels, num_classes=k, image_size=spec.input.height, **config.arch_options
+    )
     augment = spec.augment if config.augment else None
     train = make_loader(data.splits["train"], spec.input, config.batch_size, augment, config.workers, True, config.seed)
     val = make_loader(data.splits["val"], spec.input, 512, None, 0, False, config.seed)
-    stage1 = fit(autoencoder, train, val, reconstruction(), spec.recipe, device, run_dir, amp=config.amp,
-                 tensorboard=config.tensorboard, tag="autoencoder")
+    stage1 = fit(
+        autoencoder,
+        train,
+        val,
+        reconstruction(),
+        spec.recipe,
+        device,
+        run_dir,
+        amp=config.amp,
+        tensorboard=config.tensorboard,
+        tag="autoencoder",
+    )
     plot_history(run_dir / "history-autoencoder.csv", run_dir / "curves-autoencoder.png", f"{config.name} autoencoder")
 
     classifier = CodeClassifier(copy.deepcopy(autoencoder.encoder), autoencoder.decoder[0].in_features, k)
     for param in classifier.encoder.parameters():
         param.requires_grad_(False)
-    stage2 = fit(classifier, train, val, classification(None), spec.recipe, device, run_dir, amp=config.amp,
-                 tensorboard=config.tensorboard)
+    stage2 = fit(
+        classifier,
+        train,
+        val,
+        classification(None),
+        spec.recipe,
+        device,
+        run_dir,
+        amp=config.amp,
+        tensorboard=config.tensorboard,
+    )
     arch = f"{config.arch}+code_classifier"
     if spec.recipe.finetune_epochs:
         frozen_probs = predict(classifier, data.splits["test"].pixels, spec.input, device)
@@ -220,8 +346,18 @@ def train_autoencoder(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir:
         for param in classifier.encoder.parameters():
             param.requires_grad_(True)
         finetune = replace(spec.recipe, epochs=spec.recipe.finetune_epochs, lr=spec.recipe.lr / 10)
-        stage2 = fit(classifier, train, val, classification(None), finetune, device, run_dir, amp=config.amp,
-                     tensorboard=config.tensorboard, tag="finetune")
+        stage2 = fit(
+            classifier,
+            train,
+            val,
+            classification(None),
+            finetune,
+            device,
+            run_dir,
+            amp=config.amp,
+            tensorboard=config.tensorboard,
+            tag="finetune",
+        )
         arch += " (encoder fine-tuned)"
     metrics = finish_classifier(spec, config, data, run_dir, device, classifier, stage2, config.name, arch)
     if spec.recipe.finetune_epochs:
@@ -234,36 +370,79 @@ def train_autoencoder(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir:
 
     mse = float(np.mean((recon - normalize(test, spec.input)) ** 2))
     plot_reconstructions(normalize(test[:16], spec.input), recon[:16], run_dir / "reconstructions.png")
-    ae_metrics = {"test": {"reconstruction_mse": mse, "n": len(test)},
-                  "training": {"best_epoch": stage1.best_epoch, "epochs_run": stage1.epochs_run,
-                               "best_val_loss": stage1.best_val_loss, "seconds": round(stage1.seconds, 1)}}
+    ae_metrics = {
+        "test": {"reconstruction_mse": mse, "n": len(test)},
+        "training": {
+            "best_epoch": stage1.best_epoch,
+            "epochs_run": stage1.epochs_run,
+            "best_val_loss": stage1.best_val_loss,
+            "seconds": round(stage1.seconds, 1),
+        },
+    }
     log.info("autoencoder test reconstruction MSE %.5f", mse)
-    fields = _card_fields(spec, config, data, autoencoder, ae_metrics, "autoencoder", f"{config.name}_autoencoder",
-                          [], None, None, config.arch)
+    fields = _card_fields(
+        spec,
+        config,
+        data,
+        autoencoder,
+        ae_metrics,
+        "autoencoder",
+        f"{config.name}_autoencoder",
+        [],
+        None,
+        None,
+        config.arch,
+    )
     (run_dir / "metrics-autoencoder.json").write_text(json.dumps(ae_metrics, indent=2))
     if config.export:
         _export_and_publish(autoencoder, ["reconstruction", "code"], spec, config, data, run_dir, fields)
     return {"classifier": metrics, "autoencoder": ae_metrics}
 
 
+def _train_accuracy_at(result) -> float | None:
+    """Training accuracy logged at the best epoch (with augmentation and dropout on, as Keras reports it)."""
+    history = result.checkpoint.with_name(result.checkpoint.stem.replace("best", "history") + ".csv")
+    with open(history) as handle:
+        rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) == result.best_epoch]
+    return float(rows[0]["train_acc"]) if rows else None
+
+
 def _write_report(run_dir: Path, fields: dict, metrics: dict) -> None:
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     test = metrics["test"]
-    summary = {k: test.get(k) for k in ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1",
-                                        "roc_auc", "pr_auc", "threshold")}
+    summary = {
+        k: test.get(k)
+        for k in (
+            "accuracy",
+            "balanced_accuracy",
+            "precision",
+            "recall",
+            "specificity",
+            "f1",
+            "roc_auc",
+            "pr_auc",
+            "threshold",
+        )
+    }
     log.info("%s test metrics: %s", fields["name"], json.dumps({k: v for k, v in summary.items() if v is not None}))
 
 
-def _export_and_publish(module, outputs: list[str], spec: TaskSpec, config: RunConfig, data: Dataset,
-                        run_dir: Path, fields: dict) -> None:
+def _export_and_publish(
+    module, outputs: list[str], spec: TaskSpec, config: RunConfig, data: Dataset, run_dir: Path, fields: dict
+) -> None:
     onnx_path = run_dir / f"{fields['name']}.onnx"
     c, h, w = spec.input.channels, spec.input.height, spec.input.width
     export_onnx(module, torch.zeros(2, c, h, w), onnx_path, outputs)
     parity = verify_parity(module, onnx_path, data.splits["val"].pixels[:128], spec.input)
     report = [run_dir / f for f in REPORT_FILES]
     if fields["kind"] == "autoencoder":
-        report = [run_dir / "metrics-autoencoder.json", run_dir / "history-autoencoder.csv",
-                  run_dir / "curves-autoencoder.png", run_dir / "reconstructions.png", run_dir / "config.json"]
+        report = [
+            run_dir / "metrics-autoencoder.json",
+            run_dir / "history-autoencoder.csv",
+            run_dir / "curves-autoencoder.png",
+            run_dir / "reconstructions.png",
+            run_dir / "config.json",
+        ]
     target = publish(onnx_path, fields, Path(config.models_dir), report, parity, config.version)
     log.info("published %s (ONNX parity max |diff| %.1e)", target, parity)
 

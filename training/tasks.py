@@ -91,7 +91,8 @@ register_task(
         description="Pneumonia vs normal on pediatric chest X-rays (Kermany et al. 2018).",
         intended_input="frontal (AP/PA) pediatric chest radiographs, grayscale",
         source="image_folders",
-        data_hint="Kaggle 'chest-xray-pneumonia' (paultimothymooney): <root>/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg",
+        data_hint="Kaggle 'chest-xray-pneumonia' (paultimothymooney): "
+        "<root>/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg",
         input=InputSpec(height=128, width=128, **IMAGENET_GRAY),
         arch="efficientnet_lite0",
         pretrained=True,
@@ -148,7 +149,8 @@ register_task(
         description="Facial expression, 7 classes (FER2013); an AffectNet folder trains the 8-class model unchanged.",
         intended_input="a tightly cropped, roughly frontal face, grayscale",
         source="image_folders",
-        data_hint="Kaggle 'fer2013' (msambare): <root>/{train,val,test}/{angry,disgust,fear,happy,neutral,sad,surprise}/*",
+        data_hint="Kaggle 'fer2013' (msambare): "
+        "<root>/{train,val,test}/{angry,disgust,fear,happy,neutral,sad,surprise}/*",
         input=InputSpec(height=64, width=64, **IMAGENET_GRAY),
         arch="efficientnet_lite0",
         pretrained=True,

@@ -18,7 +18,10 @@ class PretrainedWeightsUnavailable(RuntimeError):
 
 
 def adapt_input_conv(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
-    """Give a pretrained RGB stem ``in_chans`` inputs, as timm does: sum the RGB filters for grayscale, repeat for more."""
+    """Give a pretrained RGB stem ``in_chans`` inputs as timm does: sum the RGB filters for grayscale, else repeat.
+
+    The weight is swapped in place, so Conv2d subclasses (static "same" padding) keep their behaviour.
+    """
     if in_chans == conv.in_channels:
         return conv
     weight = conv.weight.detach()
@@ -27,18 +30,9 @@ def adapt_input_conv(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
     else:
         repeats = -(-in_chans // weight.shape[1])
         new_weight = weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
-    new_conv = type(conv)(
-        in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
-        bias=conv.bias is not None,
-    ) if type(conv) is nn.Conv2d else conv
-    if new_conv is conv:  # a Conv2d subclass with extra constructor arguments: swap its weight in place
-        conv.in_channels = in_chans
-        conv.weight = nn.Parameter(new_weight)
-        return conv
-    new_conv.weight = nn.Parameter(new_weight)
-    if conv.bias is not None:
-        new_conv.bias = nn.Parameter(conv.bias.detach().clone())
-    return new_conv
+    conv.in_channels = in_chans
+    conv.weight = nn.Parameter(new_weight)
+    return conv
 
 
 def reference_head(features: int, num_classes: int) -> nn.Sequential:
@@ -137,7 +131,9 @@ class LiteFeatures(nn.Module):
 @register_model
 def resnet18(in_chans: int, num_classes: int, image_size: int, pretrained: bool, freeze: float = 1.0) -> nn.Module:
     """The cats-vs-dogs report's ResNet: ImageNet backbone, frozen by default, new linear head."""
-    net = _torchvision_weights(torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1, pretrained)
+    net = _torchvision_weights(
+        torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1, pretrained
+    )
     net.conv1 = adapt_input_conv(net.conv1, in_chans)
     features = nn.Sequential(*list(net.children())[:-2])
     freeze_fraction(features, freeze)
@@ -150,5 +146,7 @@ def vgg16(in_chans: int, num_classes: int, image_size: int, pretrained: bool, fr
     net = _torchvision_weights(torchvision.models.vgg16, torchvision.models.VGG16_Weights.IMAGENET1K_V1, pretrained)
     net.features[0] = adapt_input_conv(net.features[0], in_chans)
     freeze_fraction(net.features, freeze)
-    head = nn.Sequential(nn.Flatten(), nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(256, num_classes))
+    head = nn.Sequential(
+        nn.Flatten(), nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(256, num_classes)
+    )
     return Backbone(net.features, 512, head)

@@ -1,0 +1,31 @@
+# Two entry points that work on a fresh clone with only Python 3.10+ installed:
+#   make serve   serve the shipped models (a torch-free virtual environment, .venv-serve)
+#   make test    lint and run the whole test suite (a full development environment, .venv)
+PYTHON ?= python3
+PORT ?= 3000
+SERVE_VENV := .venv-serve
+DEV_VENV := .venv
+
+.PHONY: serve test lint loadtest bento
+
+serve: $(SERVE_VENV)/.installed
+	$(SERVE_VENV)/bin/bentoml serve serving.service:ImageAI --host 0.0.0.0 --port $(PORT)
+
+test: $(DEV_VENV)/.installed
+	$(DEV_VENV)/bin/ruff check .
+	$(DEV_VENV)/bin/python -m pytest
+
+bento: $(SERVE_VENV)/.installed
+	$(SERVE_VENV)/bin/bentoml build
+
+$(SERVE_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/pip install -q -e ".[serving]"
+	touch $@
+
+$(DEV_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(DEV_VENV)
+	$(DEV_VENV)/bin/pip install -q --upgrade pip
+	$(DEV_VENV)/bin/pip install -q -e ".[training,serving,loadtest,tensorboard,dev]"
+	touch $@

@@ -1,0 +1,87 @@
+"""Splitting rules (duplicates never straddle splits, stratification) and the evaluation metrics."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.synthetic import make_image_folder
+from training.data import load_dataset
+from training.evaluate import choose_threshold, classification_metrics
+from training.tasks import get_task
+
+
+def test_splits_are_stratified_disjoint_and_cached(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "data", ["NORMAL", "PNEUMONIA"], per_class=50, size=24)
+    spec = get_task("chest_xray").with_overrides(
+        input=get_task("chest_xray").input.model_copy(update={"height": 16, "width": 16})
+    )
+    data = load_dataset(spec, root, seed=0, cache_dir=tmp_path / "cache")
+    assert data.sizes() == {"train": 80, "val": 10, "test": 10}
+    assert data.class_counts("test") == {"NORMAL": 5, "PNEUMONIA": 5}
+    ids = [set(split.ids) for split in data.splits.values()]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert list(tmp_path.joinpath("cache").glob("*.npz"))
+    again = load_dataset(spec, root, seed=0, cache_dir=tmp_path / "cache")
+    assert np.array_equal(again.splits["train"].pixels, data.splits["train"].pixels)
+    assert again.fingerprint == data.fingerprint
+
+
+def test_duplicates_never_straddle_splits_and_label_conflicts_are_dropped(tmp_path: Path) -> None:
+    root = make_image_folder(
+        tmp_path / "data", ["NORMAL", "PNEUMONIA"], per_class=30, size=24, splits=("train", "test")
+    )
+    leaked = root / "test" / "NORMAL" / "NORMAL_0.png"
+    shutil.copy(leaked, root / "train" / "NORMAL" / "copy_of_test.png")
+    for i in range(5):  # five copies of one image: they must land in a single split
+        shutil.copy(root / "train" / "PNEUMONIA" / "PNEUMONIA_1.png", root / "train" / "PNEUMONIA" / f"dup{i}.png")
+    shutil.copy(root / "train" / "NORMAL" / "NORMAL_3.png", root / "train" / "PNEUMONIA" / "conflict.png")
+    spec = get_task("chest_xray").with_overrides(
+        input=get_task("chest_xray").input.model_copy(update={"height": 16, "width": 16})
+    )
+    data = load_dataset(spec, root, seed=1, cache_dir=tmp_path / "cache")
+    assert "train/NORMAL/copy_of_test.png" not in data.splits["train"].ids
+    homes = {
+        name
+        for name, split in data.splits.items()
+        for i in split.ids
+        if "dup" in i or i.endswith("_1.png") and "PNEUMONIA" in i and name != "test"
+    }
+    assert len(homes) == 1
+    all_ids = [i for split in data.splits.values() for i in split.ids]
+    assert "train/PNEUMONIA/conflict.png" not in all_ids and "train/NORMAL/NORMAL_3.png" not in all_ids
+    assert any("different labels" in note for note in data.notes)
+
+
+def test_threshold_reaches_the_sensitivity_floor() -> None:
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 2, 500).astype(bool)
+    scores = np.clip(truth * 0.3 + rng.normal(0.4, 0.2, 500), 0, 1)
+    threshold, rule = choose_threshold(truth, scores, 0.95)
+    assert (scores[truth] >= threshold).mean() >= 0.95
+    assert "0.95" in rule
+    higher = np.sort(scores)[np.searchsorted(np.sort(scores), threshold) + 1]
+    assert (scores[truth] >= higher).mean() < 0.95, "the chosen threshold should be the highest that reaches 0.95"
+
+
+def test_binary_metrics_match_hand_counts() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    p_pos = np.array([0.1, 0.6, 0.2, 0.9, 0.8, 0.4, 0.7])
+    probs = np.stack([1 - p_pos, p_pos], axis=1)
+    m = classification_metrics(labels, probs, ["NORMAL", "PNEUMONIA"], positive=1, threshold=0.5)
+    # predictions: 0 1 0 | 1 1 0 1 → TP 3, FN 1, TN 2, FP 1
+    assert m["confusion_matrix"] == [[2, 1], [1, 3]]
+    assert m["sensitivity"] == pytest.approx(0.75) and m["specificity"] == pytest.approx(2 / 3)
+    assert m["precision"] == pytest.approx(0.75) and m["accuracy"] == pytest.approx(5 / 7)
+    assert m["roc_auc"] == pytest.approx(11 / 12)
+
+
+def test_multiclass_metrics_are_macro_averaged_with_per_class_detail() -> None:
+    labels = np.array([0, 1, 2, 2])
+    probs = np.eye(3)[[0, 1, 2, 1]] * 0.8 + 0.2 / 3
+    m = classification_metrics(labels, probs, ["a", "b", "c"])
+    assert m["accuracy"] == 0.75 and set(m["per_class"]) == {"a", "b", "c"}
+    assert m["per_class"]["c"]["recall"] == 0.5 and m["balanced_accuracy"] == pytest.approx((1 + 1 + 0.5) / 3)
