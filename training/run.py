@@ -256,7 +256,7 @@ def train_classifier(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir: 
     return finish_classifier(spec, config, data, run_dir, device, model, result, config.name, config.arch)
 
 
-def finish_classifier(spec, config, data, run_dir, device, model, result, name, arch) -> dict:
+def finish_classifier(spec, config, data, run_dir, device, model, result, name, arch, extra_test_metrics=None) -> dict:
     """Threshold on validation, metrics and plots on test, export and publish."""
     classes = data.classes
     val_probs = predict(model, data.splits["val"].pixels, spec.input, device)
@@ -285,6 +285,7 @@ def finish_classifier(spec, config, data, run_dir, device, model, result, name, 
             "ms_per_image": round(ms_per_image, 3),
         },
     }
+    metrics["test"].update(extra_test_metrics or {})
     if positive is not None:
         metrics["test"]["argmax_accuracy"] = float((test_probs.argmax(1) == test_labels).mean())
     plot_history(
@@ -338,11 +339,13 @@ def train_autoencoder(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir:
         amp=config.amp,
         tensorboard=config.tensorboard,
     )
-    arch = f"{config.arch}+code_classifier"
+    arch, extra = f"{config.arch}+code_classifier", {}
     if spec.recipe.finetune_epochs:
         frozen_probs = predict(classifier, data.splits["test"].pixels, spec.input, device)
-        frozen_accuracy = float((frozen_probs.argmax(1) == data.splits["test"].labels).mean())
-        log.info("classifier on the frozen code: test accuracy %.4f; now fine-tuning encoder and head", frozen_accuracy)
+        extra["frozen_encoder_accuracy"] = float((frozen_probs.argmax(1) == data.splits["test"].labels).mean())
+        log.info(
+            "classifier on the frozen code: test accuracy %.4f; fine-tuning encoder and head next", *extra.values()
+        )
         for param in classifier.encoder.parameters():
             param.requires_grad_(True)
         finetune = replace(spec.recipe, epochs=spec.recipe.finetune_epochs, lr=spec.recipe.lr / 10)
@@ -359,10 +362,7 @@ def train_autoencoder(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir:
             tag="finetune",
         )
         arch += " (encoder fine-tuned)"
-    metrics = finish_classifier(spec, config, data, run_dir, device, classifier, stage2, config.name, arch)
-    if spec.recipe.finetune_epochs:
-        metrics["test"]["frozen_encoder_accuracy"] = frozen_accuracy
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    metrics = finish_classifier(spec, config, data, run_dir, device, classifier, stage2, config.name, arch, extra)
 
     test = data.splits["test"].pixels
     recon = predict(autoencoder, test, spec.input, device)

@@ -1,0 +1,239 @@
+"""The public HTTP routes, mounted on the BentoML service as a Starlette app.
+
+Each route looks the model up among those loaded at startup, reads the upload (bounded), runs the one
+preprocessing of contract.preprocessing, and hands the tensor to the service's batchable ``infer`` API,
+which batches concurrent requests. Every failure answers ``{"error": {"code", "message"}}``; client
+mistakes are 4xx, never 500.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+import bentoml
+import numpy as np
+from bentoml.exceptions import BentoMLException
+from PIL import Image
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from contract.card import InputSpec, ModelCard
+from contract.preprocessing import ImageError, TooManyPixels, preprocess
+from serving.batching import InferItem
+from serving.repository import AUTOENCODER_OUTPUTS, CLASSIFIER_OUTPUT, ModelEntry, ModelRunner
+
+if TYPE_CHECKING:
+    from serving.service import ImageAI
+
+logger = logging.getLogger("bentoml.imageai")
+
+UPLOAD_FIELD = "image"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.code, self.message)
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def _service() -> ImageAI:
+    return bentoml.get_current_service()
+
+
+def _endpoint(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Turn ApiError into its JSON answer, and anything unexpected into a logged 500 that reveals nothing."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ApiError as error:
+            return error.response()
+        except Exception:
+            logger.exception("unexpected error on %s %s", request.method, request.url.path)
+            return error_response(500, "internal_error", "an unexpected error occurred; it has been logged")
+
+    return wrapped
+
+
+def _runner(entry: ModelEntry | None, name: str, what: str) -> ModelRunner:
+    if entry is None:
+        raise ApiError(404, "unknown_model", f"there is no {what} named {name[:64]!r}; GET /models lists them")
+    if entry.runner is None:
+        raise ApiError(503, "model_unavailable", f"model {entry.name} is unavailable: {entry.problem}")
+    return entry.runner
+
+
+def _classifier(request: Request) -> ModelRunner:
+    name = request.path_params["model"]
+    entry = _service().repository.get(name)
+    if entry is not None and entry.kind == "autoencoder":
+        entry = None
+    return _runner(entry, name, "classifier")
+
+
+def _autoencoder(request: Request) -> ModelRunner:
+    name = request.path_params["name"]
+    return _runner(_service().repository.autoencoder(name), name, "autoencoder")
+
+
+async def _bounded_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "payload_too_large", f"the request body is over the limit of {limit} bytes")
+        yield chunk
+
+
+async def _read_upload(request: Request) -> bytes:
+    """The bytes of the multipart file field `image`, refusing oversized bodies before reading them."""
+    limit = _service().settings.max_upload_bytes
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type", f"send multipart/form-data with a file field {UPLOAD_FIELD!r}")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "payload_too_large", f"the request body is over the limit of {limit} bytes")
+    parser = MultiPartParser(request.headers, _bounded_stream(request, limit), max_files=4, max_fields=16)
+    try:
+        form = await parser.parse()
+    except MultiPartException as error:
+        raise ApiError(400, "invalid_multipart", f"the multipart body cannot be parsed: {error.message}") from None
+    try:
+        upload = form.get(UPLOAD_FIELD)
+        if not isinstance(upload, UploadFile):
+            raise ApiError(400, "missing_image", f"the request has no file field named {UPLOAD_FIELD!r}")
+        return await upload.read()
+    finally:
+        await form.close()
+
+
+async def _tensor(request: Request, spec: InputSpec) -> np.ndarray:
+    data = await _read_upload(request)
+    try:
+        return await anyio.to_thread.run_sync(preprocess, data, spec, _service().settings.max_pixels)
+    except TooManyPixels as error:
+        raise ApiError(413, error.code, str(error)) from None
+    except ImageError as error:
+        raise ApiError(422, error.code, str(error)) from None
+    except (OSError, ValueError, SyntaxError):
+        logger.warning("an upload decoded but could not be converted", exc_info=True)
+        raise ApiError(422, ImageError.code, "the image could not be converted to the model's input") from None
+
+
+async def _infer(runner: ModelRunner, tensor: np.ndarray) -> dict[str, np.ndarray]:
+    """One image through the batching dispatcher (the service calling its own batchable API)."""
+    try:
+        [result] = await _service().to_async.infer([InferItem.of(runner.card.name, tensor)])
+    except BentoMLException as error:
+        if error.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
+            raise ApiError(503, "overloaded", "the server is too busy to answer in time; retry shortly") from None
+        raise
+    if result.error is not None:
+        raise RuntimeError(f"batched inference failed: {result.error}")
+    return {name: np.asarray(values, dtype=np.float32) for name, values in result.outputs.items()}
+
+
+def by_class(card: ModelCard, probabilities: np.ndarray) -> dict[str, float]:
+    return dict(zip(card.classes, map(float, probabilities), strict=True))
+
+
+def decide(card: ModelCard, probabilities: np.ndarray) -> tuple[str, float]:
+    """The label and its probability: threshold on P(positive class) for models that have one, else argmax."""
+    scores = by_class(card, probabilities)
+    if card.positive_class is not None and card.threshold is not None:
+        if scores[card.positive_class] >= card.threshold:
+            label = card.positive_class
+        else:
+            label = max((name for name in card.classes if name != card.positive_class), key=scores.__getitem__)
+    else:
+        label = max(card.classes, key=scores.__getitem__)
+    return label, scores[label]
+
+
+def to_png(reconstruction: np.ndarray, spec: InputSpec) -> bytes:
+    """A reconstruction in [0, 1], shaped like the model input, as an 8-bit PNG (grayscale or RGB)."""
+    pixels = np.clip(reconstruction.reshape(spec.channels, spec.height, spec.width) * 255.0 + 0.5, 0, 255)
+    pixels = pixels.astype(np.uint8)
+    image = Image.fromarray(pixels[0] if spec.channels == 1 else pixels.transpose(1, 2, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@_endpoint
+async def list_models(request: Request) -> Response:
+    return JSONResponse({"models": [entry.describe() for entry in _service().repository]})
+
+
+@_endpoint
+async def predict(request: Request) -> Response:
+    runner = _classifier(request)
+    card = runner.card
+    probabilities = (await _infer(runner, await _tensor(request, card.input)))[CLASSIFIER_OUTPUT]
+    label, confidence = decide(card, probabilities)
+    body: dict[str, Any] = {
+        "model": card.name,
+        "version": card.version,
+        "label": label,
+        "confidence": confidence,
+    }
+    if card.threshold is not None:
+        body["threshold"] = card.threshold
+    return JSONResponse(body)
+
+
+@_endpoint
+async def proba(request: Request) -> Response:
+    runner = _classifier(request)
+    card = runner.card
+    probabilities = (await _infer(runner, await _tensor(request, card.input)))[CLASSIFIER_OUTPUT]
+    return JSONResponse({"model": card.name, "version": card.version, "probabilities": by_class(card, probabilities)})
+
+
+@_endpoint
+async def reconstruct(request: Request) -> Response:
+    runner = _autoencoder(request)
+    card = runner.card
+    reconstruction = (await _infer(runner, await _tensor(request, card.input)))[AUTOENCODER_OUTPUTS[0]]
+    headers = {"X-Model": card.name, "X-Model-Version": card.version}
+    return Response(to_png(reconstruction, card.input), media_type="image/png", headers=headers)
+
+
+@_endpoint
+async def encode(request: Request) -> Response:
+    runner = _autoencoder(request)
+    card = runner.card
+    code = (await _infer(runner, await _tensor(request, card.input)))[AUTOENCODER_OUTPUTS[1]]
+    return JSONResponse({"model": card.name, "version": card.version, "code": code.tolist()})
+
+
+async def http_error(request: Request, error: Exception) -> Response:
+    """Routing errors (405 on a known path) in the same JSON shape as everything else."""
+    assert isinstance(error, HTTPException)
+    code = HTTPStatus(error.status_code).phrase.lower().replace(" ", "_")
+    return error_response(error.status_code, code, str(error.detail))
+
+
+ROUTES = [
+    Route("/models", list_models, methods=["GET"]),
+    Route("/{model}/predict", predict, methods=["POST"]),
+    Route("/{model}/proba", proba, methods=["POST"]),
+    Route("/{name}/reconstruct", reconstruct, methods=["POST"]),
+    Route("/{name}/encode", encode, methods=["POST"]),
+]

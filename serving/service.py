@@ -1,0 +1,99 @@
+"""The BentoML service: `bentoml serve serving.service:ImageAI`.
+
+Public routes (serving.routes) are a Starlette app mounted on the service; they preprocess each upload and
+call the batchable `infer` API through `self.to_async`, which goes through BentoML's adaptive-batching
+dispatcher, so concurrent single-image requests run as one onnxruntime batch per model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from http import HTTPStatus
+
+import anyio.to_thread
+import bentoml
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+
+from serving.batching import InferItem, InferOutput, run_batch
+from serving.config import Settings
+from serving.repository import ModelRepository
+from serving.routes import ROUTES, http_error
+
+logger = logging.getLogger("bentoml.imageai")
+
+settings = Settings.from_env()
+
+
+@contextlib.asynccontextmanager
+async def _warm_up_in_background(_: Starlette) -> AsyncIterator[None]:
+    """Entered by BentoML after the service instance exists; /readyz stays 503 until warm-up ends."""
+    task = asyncio.create_task(bentoml.get_current_service().warm_up())
+    yield
+    task.cancel()
+
+
+routes_app = Starlette(routes=ROUTES, exception_handlers={HTTPException: http_error}, lifespan=_warm_up_in_background)
+
+
+@bentoml.service(
+    name="imageai",
+    workers=settings.workers,
+    # no traffic.max_concurrency: the in-process /infer calls would count against it and get 429s
+    traffic={"timeout": settings.request_timeout_s},
+    # self.to_async talks to this very process. BentoML renews that client session every 100 requests by
+    # default and closes the old one under in-flight calls, failing them; in-process it buys nothing.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
+    # the internal /infer calls would double every access-log line and request metric
+    logging={"access": {"skip_paths": ["/metrics", "/healthz", "/livez", "/readyz", "/infer"]}},
+)
+@bentoml.asgi_app(routes_app)
+class ImageAI:
+    """Image classifiers and autoencoders from the ONNX model repository, with adaptive batching."""
+
+    def __init__(self) -> None:
+        self.settings = settings
+        self.repository = ModelRepository.load(settings)
+        self.warmed_up = False
+
+    @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
+    def infer(self, items: list[InferItem]) -> list[InferOutput]:
+        """Preprocessed tensors in, model outputs out; called by the upload routes, batched."""
+        return run_batch(self.repository, items)
+
+    async def warm_up(self) -> None:
+        """Run every model at each batch size, then train the dispatcher's cost model with real calls."""
+        sizes = self.settings.warmup_batch_sizes
+        runners = [entry.runner for entry in self.repository if entry.runner is not None]
+        try:
+            for runner in runners:
+                await anyio.to_thread.run_sync(runner.warm_up, sizes)
+            for runner in runners:
+                item = InferItem.of(runner.card.name, np.zeros(runner.input_shape, dtype=np.float32))
+                for size in sizes:
+                    await self._burst(item, size)
+        except Exception:
+            logger.exception("warm-up failed; /readyz stays unready")
+            return
+        self.warmed_up = True
+        logger.info("warm-up done for %d model(s) at batch sizes %s", len(runners), sizes)
+
+    async def _burst(self, item: InferItem, size: int) -> None:
+        """`size` concurrent single-image calls through the dispatcher; only deadline shedding (503) is fine."""
+        for result in await asyncio.gather(*(self.to_async.infer([item]) for _ in range(size)), return_exceptions=True):
+            if isinstance(result, BaseException):
+                if getattr(result, "error_code", None) != HTTPStatus.SERVICE_UNAVAILABLE:
+                    raise result
+            elif result[0].error:
+                raise RuntimeError(result[0].error)
+
+    async def __is_ready__(self) -> bool:
+        """Ready once warm; strict: every model must be ready, lenient: at least one."""
+        if not self.warmed_up:
+            return False
+        states = [entry.ready for entry in self.repository]
+        return any(states) and (self.settings.readiness == "lenient" or all(states))

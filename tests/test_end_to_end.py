@@ -1,0 +1,91 @@
+"""Trained models served over real HTTP: the service answers exactly what training's evaluation computed."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from contract.card import ModelCard
+from tests.conftest import Server, start_server
+from tests.tiny_tasks import TINY, Trained
+from training.architectures import create_model
+from training.data import load_dataset
+from training.engine import predict
+from training.tasks import get_task
+
+
+@pytest.fixture(scope="module")
+def served(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_server(trained.models, tmp_path_factory.mktemp("e2e"))
+    try:
+        server.wait("/readyz", timeout=180)
+        yield server
+    finally:
+        server.stop()
+
+
+def _training_probabilities(task: str, trained: Trained) -> tuple[list[str], np.ndarray, ModelCard]:
+    """What training's evaluation computes for the test split: cached pixels → contract.normalize → PyTorch."""
+    card = ModelCard.load(trained.models / task / "1")
+    spec = get_task(task).with_overrides(input=card.input)
+    data = load_dataset(spec, trained.data[task], seed=0, cache_dir=trained.cache)
+    model = create_model(card.training["arch"], in_chans=card.input.channels, num_classes=len(card.classes),
+                         image_size=card.input.height, **card.training["arch_options"])  # fmt: skip
+    state = torch.load(next((trained.runs / task).glob("*/best.pt")), weights_only=True)
+    model.load_state_dict(state["state_dict"])
+    return data.splits["test"].ids, predict(model, data.splits["test"].pixels, spec.input, torch.device("cpu")), card
+
+
+@pytest.mark.parametrize("task", sorted(TINY))
+def test_service_probabilities_equal_training_evaluation(task: str, trained: Trained, served: Server) -> None:
+    ids, expected, card = _training_probabilities(task, trained)
+    for image_id, probabilities in zip(ids[:6], expected[:6], strict=False):
+        data = (trained.data[task] / image_id).read_bytes()
+        response = httpx.post(f"{served.url}/{task}/proba", files={"image": ("x", data, "image/png")}, timeout=30)
+        assert response.status_code == 200, response.text
+        served_probabilities = np.array([response.json()["probabilities"][c] for c in card.classes])
+        np.testing.assert_allclose(served_probabilities, probabilities, atol=1e-5)
+
+        predicted = httpx.post(f"{served.url}/{task}/predict", files={"image": ("x", data, "image/png")}, timeout=30)
+        body = predicted.json()
+        assert body["model"] == task and body["label"] in card.classes
+        assert body["confidence"] == pytest.approx(response.json()["probabilities"][body["label"]], abs=1e-6)
+        assert ("threshold" in body) == (card.threshold is not None)
+
+
+def test_every_model_refuses_bad_input_with_4xx(served: Server) -> None:
+    for task in [*TINY, "mnist"]:
+        for payload in (b"", b"not an image"):
+            response = httpx.post(f"{served.url}/{task}/predict", files={"image": ("x", payload, "image/png")})
+            assert response.status_code == 422, (task, response.text)
+            assert response.json()["error"]["code"] == "invalid_image"
+
+
+def test_mnist_routes_on_the_trained_models(served: Server) -> None:
+    digit = np.zeros((28, 28), dtype=np.uint8)
+    digit[6:22, 12:16] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(digit).save(buffer, format="PNG")
+    files = {"image": ("digit.png", buffer.getvalue(), "image/png")}
+
+    predicted = httpx.post(f"{served.url}/mnist/predict", files=files).json()
+    assert predicted["label"] in [str(d) for d in range(10)]
+
+    reconstruction = httpx.post(f"{served.url}/mnist/reconstruct", files=files)
+    assert reconstruction.status_code == 200 and reconstruction.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(reconstruction.content))
+    assert image.size == (28, 28) and image.mode == "L"
+
+    code = httpx.post(f"{served.url}/mnist/encode", files=files).json()["code"]
+    assert len(code) == 30 and all(isinstance(v, float) for v in code)
+
+
+def test_models_listing_shows_every_trained_model(served: Server) -> None:
+    listed = {m["name"] for m in httpx.get(f"{served.url}/models").json()["models"]}
+    assert listed == {*TINY, "mnist", "mnist_autoencoder"}
