@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from training import architectures, tasks
 from training.architectures import count_parameters, create_model
@@ -226,6 +227,14 @@ def _card_fields(
     )
 
 
+def _loaders(spec: TaskSpec, config: RunConfig, data: Dataset) -> tuple[DataLoader, DataLoader]:
+    """Shuffled, augmented training batches and plain validation batches, both normalised by the contract."""
+    augment = spec.augment if config.augment else None
+    train = make_loader(data.splits["train"], spec.input, config.batch_size, augment, config.workers, True, config.seed)
+    val = make_loader(data.splits["val"], spec.input, 256, None, 0, False, config.seed)
+    return train, val
+
+
 def train_classifier(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir: Path, device: torch.device) -> dict:
     k = len(data.classes)
     model = create_model(
@@ -238,9 +247,7 @@ def train_classifier(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir: 
     )
     log.info("%s: %s with %s parameters, %s", spec.name, config.arch, f"{count_parameters(model):,}", data.sizes())
     weights = balanced_class_weights(data.splits["train"].labels, k) if spec.recipe.class_weights else None
-    augment = spec.augment if config.augment else None
-    train = make_loader(data.splits["train"], spec.input, config.batch_size, augment, config.workers, True, config.seed)
-    val = make_loader(data.splits["val"], spec.input, 256, None, 0, False, config.seed)
+    train, val = _loaders(spec, config, data)
     result = fit(
         model,
         train,
@@ -308,9 +315,7 @@ def train_autoencoder(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir:
     autoencoder = create_model(
         config.arch, in_chans=spec.input.channels, num_classes=k, image_size=spec.input.height, **config.arch_options
     )
-    augment = spec.augment if config.augment else None
-    train = make_loader(data.splits["train"], spec.input, config.batch_size, augment, config.workers, True, config.seed)
-    val = make_loader(data.splits["val"], spec.input, 512, None, 0, False, config.seed)
+    train, val = _loaders(spec, config, data)
     stage1 = fit(
         autoencoder,
         train,

@@ -174,25 +174,32 @@ def _dense_head(features: int, num_classes: int, hidden: int = 1024, dropout: fl
     )
 
 
+def _pooled_stages(stages: list[tuple[nn.Module, int]], image_size: int, num_classes: int, dropout: float) -> nn.Module:
+    """Conv stages, each followed by 2×2 max-pooling (while the map is at least 6 px) and Gaussian dropout 0.2,
+    then the emotion report's Dense1024 ×2 head."""
+    layers: list[nn.Module] = []
+    size = image_size
+    for stage, _ in stages:
+        layers.append(stage)
+        if size >= 6:
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+        layers.append(GaussianDropout(0.2))
+    channels = stages[-1][1]
+    return nn.Sequential(*layers, _dense_head(channels * size * size, num_classes, dropout=dropout))
+
+
 @register_model
 def emotion_alexnet(
     in_chans: int, num_classes: int, image_size: int, pretrained: bool, dropout: float = 0.5
 ) -> nn.Module:
     """The emotion report's AlexNet-like CNN: five conv blocks (16→128 filters, kernels 9→3), each BN → ReLU →
-    MaxPool → GaussianDropout, then Dense1024 ×2. Pooling stops at 3×3 so small faces (48×48) still fit."""
+    MaxPool → GaussianDropout, then Dense1024 ×2."""
     _no_pretrained("emotion_alexnet", pretrained)
     spec = [(16, 9), (32, 7), (64, 5), (128, 3), (128, 3)]
-    layers: list[nn.Module] = []
-    c_in, size = in_chans, image_size
-    for c_out, kernel in spec:
-        layers += [nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(c_out)]
-        layers += [nn.ReLU(inplace=True)]
-        if size >= 6:
-            layers.append(nn.MaxPool2d(2))
-            size //= 2
-        layers.append(GaussianDropout(0.2))
-        c_in = c_out
-    return nn.Sequential(*layers, _dense_head(c_in * size * size, num_classes, dropout=dropout))
+    inputs = [in_chans] + [c for c, _ in spec[:-1]]
+    stages = [(conv_bn_relu(c_in, c_out, kernel), c_out) for c_in, (c_out, kernel) in zip(inputs, spec, strict=True)]
+    return _pooled_stages(stages, image_size, num_classes, dropout)
 
 
 @register_model
@@ -204,16 +211,12 @@ def emotion_vgg(
     _no_pretrained("emotion_vgg", pretrained)
     width = int(width)
     widths = [width, width * 2, width * 4, width * 8, width * 8]
-    layers: list[nn.Module] = []
-    c_in, size = in_chans, image_size
-    for c_out in widths:
-        layers += [conv_bn_relu(c_in, c_out), conv_bn_relu(c_out, c_out)]
-        if size >= 6:
-            layers.append(nn.MaxPool2d(2))
-            size //= 2
-        layers.append(GaussianDropout(0.2))
-        c_in = c_out
-    return nn.Sequential(*layers, _dense_head(c_in * size * size, num_classes, dropout=dropout))
+    inputs = [in_chans, *widths[:-1]]
+    stages = [
+        (nn.Sequential(conv_bn_relu(c_in, c_out), conv_bn_relu(c_out, c_out)), c_out)
+        for c_in, c_out in zip(inputs, widths, strict=True)
+    ]
+    return _pooled_stages(stages, image_size, num_classes, dropout)
 
 
 @register_model
