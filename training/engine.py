@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ def build_augmentation(augment: Augment, square: bool) -> v2.Transform | None:
 
 
 class PixelDataset(TorchDataset):
-    """Cached uint8 pixels, augmented per sample; normalisation happens per batch in :class:`Normalize`."""
+    """Cached uint8 pixels, fetched a batch at a time; each image of the batch is augmented on its own."""
 
     def __init__(self, split: Split, transform: v2.Transform | None) -> None:
         self.split, self.transform = split, transform
@@ -55,23 +56,25 @@ class PixelDataset(TorchDataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        pixels = torch.from_numpy(self.split.pixels[index])
+    def __getitems__(self, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        pixels = self.split.pixels[indices]
         if self.transform is not None:
-            pixels = self.transform(pixels)
-        return pixels, int(self.split.labels[index])
+            pixels = np.stack([self.transform(torch.from_numpy(image)).numpy() for image in pixels])
+        return pixels, self.split.labels[indices]
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.__getitems__([index])
 
 
 class Normalize:
-    """Collate a batch and normalise it with the contract's own function (the one serving uses)."""
+    """Turn a fetched batch into tensors, normalised with the contract's own function (the one serving uses)."""
 
     def __init__(self, spec: InputSpec) -> None:
         self.spec = spec
 
-    def __call__(self, batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = torch.stack([p for p, _ in batch]).numpy()
-        labels = torch.tensor([label for _, label in batch])
-        return torch.from_numpy(normalize(pixels, self.spec)), labels
+    def __call__(self, batch: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, labels = batch
+        return torch.from_numpy(normalize(pixels, self.spec)), torch.from_numpy(labels)
 
 
 def make_loader(
@@ -258,6 +261,26 @@ def fit(
     state = torch.load(checkpoint, map_location=device, weights_only=True)
     model.load_state_dict(state["state_dict"])
     return FitResult(best_epoch, best_loss, epoch, elapsed, images / elapsed, checkpoint)
+
+
+def adopt_checkpoint(model: nn.Module, checkpoint: Path, run_dir: Path, device: torch.device) -> FitResult:
+    """Take an earlier run's best checkpoint (and its history) as this run's result, without training.
+
+    ``training.run --checkpoint PATH --epochs 0`` uses this to evaluate and export a run that was stopped early.
+    """
+    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    model.load_state_dict(state["state_dict"])
+    model.to(device)
+    target = run_dir / "best.pt"
+    shutil.copyfile(checkpoint, target)
+    seconds = 0.0
+    source_history = checkpoint.with_name("history.csv")
+    if source_history.exists():
+        shutil.copyfile(source_history, run_dir / "history.csv")
+        with open(source_history) as handle:
+            rows = list(csv.DictReader(handle))
+        seconds = sum(float(r["seconds"]) for r in rows)
+    return FitResult(state["epoch"], state["val_loss"], state["epoch"], seconds, 0.0, target)
 
 
 @torch.no_grad()

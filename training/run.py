@@ -24,6 +24,7 @@ from training.architectures import count_parameters, create_model
 from training.architectures.autoencoder import CodeClassifier
 from training.data import DataError, Dataset, load_dataset
 from training.engine import (
+    adopt_checkpoint,
     balanced_class_weights,
     classification,
     fit,
@@ -81,6 +82,7 @@ class RunConfig:
     export: bool
     version: str | None
     tensorboard: bool
+    checkpoint: str | None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -133,6 +135,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-export", action="store_true", help="evaluate only; do not publish to the repository")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders (reports) go")
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="decoded-image cache")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="start from this best.pt (weights only); with --epochs 0, evaluate and export it without training",
+    )
     parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard in the run folder")
     return parser.parse_args(argv)
 
@@ -185,6 +192,7 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
         export=not args.no_export,
         version=args.version,
         tensorboard=args.tensorboard,
+        checkpoint=str(args.checkpoint) if args.checkpoint else None,
     )
     return spec, config
 
@@ -248,6 +256,11 @@ def train_classifier(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir: 
     log.info("%s: %s with %s parameters, %s", spec.name, config.arch, f"{count_parameters(model):,}", data.sizes())
     weights = balanced_class_weights(data.splits["train"].labels, k) if spec.recipe.class_weights else None
     train, val = _loaders(spec, config, data)
+    if config.checkpoint and config.epochs == 0:
+        result = adopt_checkpoint(model, Path(config.checkpoint), run_dir, device)
+        return finish_classifier(spec, config, data, run_dir, device, model, result, config.name, config.arch)
+    if config.checkpoint:
+        model.load_state_dict(torch.load(config.checkpoint, map_location="cpu", weights_only=True)["state_dict"])
     result = fit(
         model,
         train,
@@ -353,7 +366,7 @@ def train_autoencoder(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir:
         )
         for param in classifier.encoder.parameters():
             param.requires_grad_(True)
-        finetune = replace(spec.recipe, epochs=spec.recipe.finetune_epochs, lr=spec.recipe.lr / 10)
+        finetune = replace(spec.recipe, epochs=spec.recipe.finetune_epochs, lr=spec.recipe.lr / 3)
         stage2 = fit(
             classifier,
             train,
@@ -458,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         spec, config = resolve(args)
+        # Denormal floats (tiny activations and gradients, common in MLPs with weight decay) slow CPU math ~10×.
+        torch.set_flush_denormal(True)
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         if config.device == "cuda" and not torch.cuda.is_available():

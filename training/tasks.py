@@ -185,7 +185,18 @@ register_task(
         input=InputSpec(channels=1, height=28, width=28, polarity="dark_background"),
         arch="mlp_autoencoder",
         kind="autoencoder",
-        recipe=Recipe(epochs=10, batch_size=100, lr=1e-3, weight_decay=1e-5, class_weights=False, finetune_epochs=5),
+        # The report trains 10 epochs (MSE ≈ 0.019 here); up to 60 with plateau/early stopping get closer to 0.01.
+        # Its frozen-encoder classifier reaches ≈ 0.92 (the report: 0.93); fine-tuning encoder + head lifts that.
+        recipe=Recipe(
+            epochs=60,
+            batch_size=100,
+            lr=1e-3,
+            weight_decay=1e-5,
+            class_weights=False,
+            finetune_epochs=20,
+            plateau_patience=3,
+            early_stopping_patience=6,
+        ),
         val_fraction=5000 / 70000,
     )
 )

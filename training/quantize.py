@@ -1,0 +1,241 @@
+"""Static int8 quantization of a published classifier, judged on its own held-out test split.
+
+    python -m training.quantize chest_xray --data ../shared/datasets/chest_xray
+
+Loads models/<name>/<version>/ (the highest version unless --version), rebuilds the card's dataset splits (the
+dataset fingerprint must match the card's, so that the test images are the very ones the model was tested on),
+calibrates activation ranges on real validation images (the one preprocessing, ``contract.preprocessing``), writes
+``model.int8.onnx`` (onnxruntime ``quantize_static``: QDQ, uint8 activations, int8 per-channel weights, Softmax
+left in float) beside ``model.onnx``, and records in the card its test accuracy next to the fp32 model's (same
+images, same decision rule as serving), its sha256 and its measured speed-up on this CPU. ``served`` is true only
+when it is within 1 accuracy point of fp32 and at least ``--min-speedup`` times faster; serving uses the file only
+then (and never with IMAGEAI_INT8=off). EfficientNet-style networks often gain nothing on CPU: this measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from contract.card import INT8_MAX_ACCURACY_DROP, ModelCard, QuantizedInfo, sha256_file
+from contract.preprocessing import normalize
+from training import tasks
+from training.data import DataError, load_dataset
+
+log = logging.getLogger("training.quantize")
+INT8_FILE = "model.int8.onnx"
+METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+
+
+class QuantizeError(RuntimeError):
+    pass
+
+
+class _Calibration(CalibrationDataReader):
+    """Normalised uint8 pixels, in batches, as the graph's input."""
+
+    def __init__(self, input_name: str, pixels: np.ndarray, spec, batch_size: int = 16) -> None:
+        self.batches = (
+            {input_name: normalize(pixels[start : start + batch_size], spec)}
+            for start in range(0, len(pixels), batch_size)
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.batches, None)
+
+
+def session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    """A CPU session with the serving settings: no spinning, full graph optimisation."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def probabilities(sess: ort.InferenceSession, pixels: np.ndarray, spec, batch_size: int = 64) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    return np.concatenate(
+        [
+            sess.run(["probabilities"], {name: normalize(pixels[start : start + batch_size], spec)})[0]
+            for start in range(0, len(pixels), batch_size)
+        ]
+    )
+
+
+def decisions(card: ModelCard, probs: np.ndarray) -> np.ndarray:
+    """Serving's rule (serving.routes.decide): the threshold on P(positive) for binary models, else the argmax."""
+    if card.positive_class is not None and card.threshold is not None:
+        positive = card.classes.index(card.positive_class)
+        other = 1 - positive if len(card.classes) == 2 else None
+        if other is not None:
+            return np.where(probs[:, positive] >= card.threshold, positive, other)
+    return probs.argmax(1)
+
+
+def seconds_per_image(sess: ort.InferenceSession, pixels: np.ndarray, spec, batch_size: int, budget: float) -> float:
+    """Best of a few timed passes over the same batches (after one untimed pass)."""
+    name = sess.get_inputs()[0].name
+    count = max(batch_size, min(len(pixels), 256) // batch_size * batch_size)
+    batches = [
+        normalize(pixels[np.arange(start, start + batch_size) % len(pixels)], spec)
+        for start in range(0, count, batch_size)
+    ]
+    sess.run(None, {name: batches[0]})
+    best, started = float("inf"), time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        for batch in batches:
+            sess.run(None, {name: batch})
+        best = min(best, (time.perf_counter() - t0) / (len(batches) * batch_size))
+        if time.perf_counter() - started > budget:
+            return best
+
+
+def quantize(
+    folder: Path,
+    data_root: Path,
+    *,
+    calibration_images: int = 256,
+    method: str = "minmax",
+    per_channel: bool = True,
+    min_speedup: float = 1.1,
+    seed: int | None = None,
+    cache_dir: Path = Path(".cache"),
+    timing_seconds: float = 3.0,
+) -> QuantizedInfo:
+    """Quantize the model in `folder`, evaluate it, write the int8 file and record it in the card."""
+    card = ModelCard.load(folder)
+    if card.kind != "classifier":
+        raise QuantizeError(f"{card.name} is an {card.kind}; int8 quantization is judged by accuracy: classifiers only")
+    spec = tasks.get_task(card.task).with_overrides(input=card.input)
+    seed = int(card.training.get("seed", 0)) if seed is None else seed
+    data = load_dataset(spec, data_root, seed=seed, cache_dir=cache_dir)
+    expected = card.dataset.get("fingerprint")
+    if expected and data.fingerprint != expected:
+        raise QuantizeError(
+            "the dataset differs from the one this model was trained and tested on (fingerprint mismatch): "
+            "pass the same --data (and the --seed of training)"
+        )
+    val, test = data.splits["val"], data.splits["test"]
+    rng = np.random.default_rng(seed)
+    calibration = val.pixels[np.sort(rng.permutation(len(val))[:calibration_images])]
+    fp32_path = folder / card.onnx.file
+    int8_path = folder / INT8_FILE
+
+    graph = onnx.load(str(fp32_path))
+    softmax = [node.name for node in graph.graph.node if node.op_type == "Softmax"]
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
+        staged = Path(tmp) / INT8_FILE
+        quantize_static(
+            str(prepared),
+            str(staged),
+            _Calibration(graph.graph.input[0].name, calibration, card.input),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=per_channel,
+            calibrate_method=METHODS[method],
+            nodes_to_exclude=softmax,
+        )
+        onnx.checker.check_model(str(staged))
+        staged.replace(int8_path)
+
+    fp32, int8 = session(fp32_path), session(int8_path)
+    labels = test.labels
+    fp32_accuracy = float((decisions(card, probabilities(fp32, test.pixels, card.input)) == labels).mean())
+    int8_accuracy = float((decisions(card, probabilities(int8, test.pixels, card.input)) == labels).mean())
+    speedup = seconds_per_image(fp32, test.pixels, card.input, 32, timing_seconds) / seconds_per_image(
+        int8, test.pixels, card.input, 32, timing_seconds
+    )
+    speedup_single = seconds_per_image(fp32, test.pixels, card.input, 1, timing_seconds) / seconds_per_image(
+        int8, test.pixels, card.input, 1, timing_seconds
+    )
+    close = int8_accuracy >= fp32_accuracy - INT8_MAX_ACCURACY_DROP
+    info = QuantizedInfo(
+        file=INT8_FILE,
+        sha256=sha256_file(int8_path),
+        calibration_images=len(calibration),
+        test_accuracy=int8_accuracy,
+        fp32_test_accuracy=fp32_accuracy,
+        speedup=round(speedup, 3),
+        speedup_single=round(speedup_single, 3),
+        served=close and speedup >= min_speedup,
+    )
+    card.quantized = info
+    card.save(folder)
+    log.info(
+        "%s v%s int8: test accuracy %.4f (fp32 %.4f) on %d images, %.2fx faster in batches of 32, %.2fx one at a "
+        "time; served: %s%s",
+        card.name,
+        card.version,
+        int8_accuracy,
+        fp32_accuracy,
+        len(labels),
+        speedup,
+        speedup_single,
+        info.served,
+        "" if info.served else (" (accuracy drop over 1 point)" if not close else f" (speed-up under {min_speedup})"),
+    )
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    parser = argparse.ArgumentParser(
+        prog="python -m training.quantize",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("model", help="model name in the repository")
+    parser.add_argument("--data", required=True, type=Path, help="the dataset root the model was trained on")
+    parser.add_argument("--models-dir", type=Path, default=Path("models"), help="model repository")
+    parser.add_argument("--version", help="model version (default: the highest)")
+    parser.add_argument("--calibration-images", type=int, default=256, help="validation images to calibrate on")
+    parser.add_argument("--method", choices=sorted(METHODS), default="minmax", help="calibration method")
+    parser.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True, help="per-channel")
+    parser.add_argument("--min-speedup", type=float, default=1.1, help="serve int8 only if at least this much faster")
+    parser.add_argument("--seed", type=int, help="split seed (default: the one the card records)")
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="decoded-image cache")
+    args = parser.parse_args(argv)
+    versions = sorted((p.name for p in (args.models_dir / args.model).glob("*") if p.name.isdigit()), key=int)
+    if not versions:
+        log.error("no versions of %s in %s", args.model, args.models_dir)
+        return 2
+    folder = args.models_dir / args.model / (args.version or versions[-1])
+    try:
+        quantize(
+            folder,
+            args.data,
+            calibration_images=args.calibration_images,
+            method=args.method,
+            per_channel=args.per_channel,
+            min_speedup=args.min_speedup,
+            seed=args.seed,
+            cache_dir=args.cache_dir,
+        )
+    except (QuantizeError, DataError, FileNotFoundError, ValueError) as error:
+        log.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
