@@ -1,0 +1,67 @@
+"""Print the README's table of shipped models from their cards, next to the reference reports' results.
+
+python -m training.summary [--models models]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from contract.card import ModelCard
+from training.tasks import TASKS
+
+
+def latest_cards(models: Path) -> list[ModelCard]:
+    cards = []
+    for folder in sorted(p for p in models.iterdir() if p.is_dir()):
+        versions = [v for v in folder.iterdir() if v.is_dir() and v.name.isdigit()]
+        if versions:
+            cards.append(ModelCard.load(max(versions, key=lambda v: int(v.name))))
+    return cards
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def row(card: ModelCard) -> str:
+    test = card.metrics.get("test", {})
+    training = card.metrics.get("training", {})
+    minutes = training.get("seconds")
+    if card.kind == "autoencoder":
+        quality = f"reconstruction MSE {test['reconstruction_mse']:.4f}"
+        cells = ["–"] * 6
+    else:
+        quality = ""
+        cells = [_fmt(test.get(k)) for k in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "roc_auc")]
+        cells.append(_fmt(test.get("f1")))
+        if card.threshold is not None:
+            quality = f"threshold {card.threshold:.3f}"
+        if "frozen_encoder_accuracy" in test:
+            quality = f"frozen-encoder acc {test['frozen_encoder_accuracy']:.3f}"
+    reference = TASKS[card.task].reference if card.task in TASKS else ""
+    command = f"`python -m training.run {card.task} --data …/{card.task}`"
+    arch = card.architecture + (" (ImageNet)" if card.training.get("pretrained") else "")
+    return " | ".join(
+        [f"`{card.name}` v{card.version}", arch, str(card.splits.get("test", "")), *cells, quality,
+         f"{minutes / 60:.0f}" if minutes else "–", reference, command]
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.summary", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=Path("models"))
+    args = parser.parse_args(argv)
+    header = [
+        "model", "architecture", "test n", "accuracy", "balanced acc", "sensitivity", "specificity", "ROC-AUC", "F1",
+        "notes", "train min", "reference report", "reproduce",
+    ]  # fmt: skip
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for card in latest_cards(args.models):
+        print(f"| {row(card)} |")
+
+
+if __name__ == "__main__":
+    main()
