@@ -89,6 +89,7 @@ def make_loader(
         persistent_workers=workers > 0,
         collate_fn=Normalize(spec),
         generator=torch.Generator().manual_seed(seed),
+        drop_last=shuffle and len(split) > batch_size,  # a last training batch of one breaks batch norm
     )
 
 
