@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import json
 import logging
 import sys
@@ -41,7 +42,7 @@ from training.evaluate import (
     plot_reconstructions,
 )
 from training.export import ExportError, WithSoftmax, export_onnx, publish, verify_parity
-from training.tasks import TaskSpec
+from training.tasks import Augment, TaskSpec
 
 log = logging.getLogger("training")
 REPORT_FILES = (
@@ -112,6 +113,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, help="initial learning rate")
     parser.add_argument("--image-size", type=int, help="square input size in pixels (default: the task's)")
     parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    parser.add_argument(
+        "--augment",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one augmentation setting of the task (rotation, shift, shear, zoom, hflip, vflip, right_angles),"
+        " e.g. --augment right_angles=true --augment rotation=0; repeatable",
+    )
     parser.add_argument("--dropout", type=float, help="dropout rate, for architectures that take it (0 disables)")
     parser.add_argument("--init", choices=["glorot", "zeros", "ones", "default"], help="weight initialiser")
     parser.add_argument("--depth", type=int, help="number of conv blocks, for architectures that take it")
@@ -144,6 +153,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def parse_augment(settings: list[str]) -> dict:
+    """``["rotation=10", "hflip=false"]`` → typed overrides of :class:`~training.tasks.Augment`."""
+    fields = {f.name: f.type for f in dataclasses.fields(Augment)}
+    overrides = {}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        if key not in fields or not value:
+            raise ValueError(f"--augment takes KEY=VALUE with KEY one of {sorted(fields)}; got {setting!r}")
+        if fields[key] == "bool":
+            overrides[key] = value.lower() in ("1", "true", "yes", "on")
+        else:
+            overrides[key] = float(value)
+    return overrides
+
+
 def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
     spec = tasks.get_task(args.task)
     recipe = replace(
@@ -160,6 +184,8 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
     for field_name in ("val_fraction", "test_fraction", "min_sensitivity"):
         if getattr(args, field_name) is not None:
             changes[field_name] = getattr(args, field_name)
+    if args.augment:
+        changes["augment"] = replace(spec.augment, **parse_augment(args.augment))
     spec = spec.with_overrides(**changes)
     arch = args.arch or spec.arch
     options = dict(spec.arch_options) if arch == spec.arch else {}

@@ -139,13 +139,14 @@ register_task(
         intended_input="frontal adult chest radiographs, grayscale",
         source="image_folders",
         data_hint="Kaggle 'covid19-radiography-database': <root>/train/{COVID,NORMAL}/*.(png|jpg)",
-        # The report's 150 px and full width (8.2 M parameters) cost several minutes an epoch on two CPU cores; half
-        # the filters at 128 px train in about a minute an epoch. `--image-size 150 --width 1` is the report's.
-        input=InputSpec(channels=1, height=128, width=128),
-        arch="covid_cnn",
-        arch_options={"width": 0.5},
-        recipe=Recipe(epochs=12, batch_size=32, lr=1e-3, plateau_patience=2, early_stopping_patience=4),
-        augment=Augment(right_angles=True, hflip=True, vflip=True),
+        # The report's CNN (`--arch covid_cnn --image-size 150 --augment right_angles=true --augment vflip=true`, its
+        # 90° rotations and flips) stayed at chance on validation data in our runs (train accuracy 0.80, validation
+        # predicting one class), so the shipped model is the ImageNet-pretrained Lite0 used for chest X-rays.
+        input=InputSpec(height=128, width=128, **IMAGENET_GRAY),
+        arch="efficientnet_lite0",
+        pretrained=True,
+        recipe=Recipe(epochs=6, batch_size=32, lr=3e-4, plateau_patience=1, early_stopping_patience=3),
+        augment=Augment(rotation=10, shift=0.1, zoom=0.1, hflip=True),
         positive_class="COVID",
     )
 )
