@@ -106,6 +106,8 @@ def test_compare_writes_one_table(tmp_path: Path) -> None:
             "--out",
             str(tmp_path / "cmp"),
             "--",
+            "--arch",
+            "covid_cnn",
             "--epochs",
             "1",
             "--image-size",
