@@ -193,7 +193,8 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
         value = getattr(args, option)
         if value is not None:
             options[option] = value
-    pretrained = spec.pretrained if args.pretrained is None else args.pretrained
+    # another architecture than the task's starts from scratch unless --pretrained says otherwise
+    pretrained = (spec.pretrained and arch == spec.arch) if args.pretrained is None else args.pretrained
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     config = RunConfig(
         task=spec.name,
