@@ -41,11 +41,10 @@ def row(card: ModelCard) -> str:
         if "frozen_encoder_accuracy" in test:
             quality = f"frozen-encoder acc {test['frozen_encoder_accuracy']:.3f}"
     reference = TASKS[card.task].reference if card.task in TASKS else ""
-    command = f"`python -m training.run {card.task} --data …/{card.task}`"
     arch = card.architecture + (" (ImageNet)" if card.training.get("pretrained") else "")
     return " | ".join(
         [f"`{card.name}` v{card.version}", arch, str(card.splits.get("test", "")), *cells, quality,
-         f"{minutes / 60:.0f}" if minutes else "–", reference, command]
+         f"{minutes / 60:.0f}" if minutes else "–", reference]
     )  # fmt: skip
 
 
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     header = [
         "model", "architecture", "test n", "accuracy", "balanced acc", "sensitivity", "specificity", "ROC-AUC", "F1",
-        "notes", "train min", "reference report", "reproduce",
+        "notes", "train min", "reference report",
     ]  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
