@@ -6,7 +6,7 @@ PORT ?= 3000
 SERVE_VENV := .venv-serve
 DEV_VENV := .venv
 
-.PHONY: serve test lint loadtest bento
+.PHONY: serve test lint loadtest bench bento
 
 serve: $(SERVE_VENV)/.installed
 	$(SERVE_VENV)/bin/bentoml serve serving.service:ImageAI --host 0.0.0.0 --port $(PORT)
@@ -14,6 +14,15 @@ serve: $(SERVE_VENV)/.installed
 test: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/ruff check .
 	$(DEV_VENV)/bin/python -m pytest
+
+# Locust scenarios for every model against a service it starts and stops itself, e.g.
+#   make loadtest LOADTEST_ARGS="--users 16 --duration 5m --images ../shared/datasets/chest_xray/train/NORMAL"
+loadtest: $(DEV_VENV)/.installed
+	$(DEV_VENV)/bin/python load_tests/run_load.py $(LOADTEST_ARGS)
+
+# Throughput against the limit and a naive server (needs Debian's wrk), and the training-pipeline benchmark
+bench: $(DEV_VENV)/.installed
+	$(DEV_VENV)/bin/python load_tests/bench.py --out runs/bench.json $(BENCH_ARGS)
 
 bento: $(SERVE_VENV)/.installed
 	$(SERVE_VENV)/bin/bentoml build

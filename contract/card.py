@@ -71,6 +71,30 @@ class OnnxInfo(BaseModel):
     parity_max_abs_diff: float | None = None
 
 
+INT8_MAX_ACCURACY_DROP = 0.01  # an int8 model is served only within 1 accuracy point of its fp32 model
+
+
+class QuantizedInfo(BaseModel):
+    """A statically quantized (int8) copy of the model beside the fp32 file, and how it compares on held-out data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str = "model.int8.onnx"
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    calibration_images: int = Field(gt=0)  # validation images the activation ranges were calibrated on
+    test_accuracy: float = Field(ge=0.0, le=1.0)  # on the card's test split, with the card's decision rule
+    fp32_test_accuracy: float = Field(ge=0.0, le=1.0)  # the fp32 ONNX model, same images, same rule
+    speedup: float = Field(gt=0.0)  # fp32 seconds / int8 seconds, batches of 32, on the CPU that quantized it
+    speedup_single: float | None = Field(default=None, gt=0.0)  # the same for one image at a time
+    served: bool  # serving may use the int8 file (within 1 accuracy point and faster)
+
+    @model_validator(mode="after")
+    def _served_only_if_close(self) -> QuantizedInfo:
+        if self.served and self.test_accuracy < self.fp32_test_accuracy - INT8_MAX_ACCURACY_DROP - 1e-9:
+            raise ValueError("an int8 model more than 1 accuracy point below fp32 cannot be marked served")
+        return self
+
+
 class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -93,6 +117,7 @@ class ModelCard(BaseModel):
     dataset: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
+    quantized: QuantizedInfo | None = None  # written by `python -m training.quantize`
     created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
     @model_validator(mode="after")

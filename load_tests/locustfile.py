@@ -1,11 +1,17 @@
-"""Load test for the serving API: real image uploads to /<model>/predict, gated on failures and p95 latency.
+"""Load test for the serving API: real image uploads to every model, gated on failures and p95 latency.
 
-    locust -f load_tests/locustfile.py --headless -H http://localhost:3000 -u 16 -r 4 -t 60s \
-        --images data/samples --csv runs/load
+    python load_tests/run_load.py                  # starts the service, runs this headless, stops it (make loadtest)
+    locust -f load_tests/locustfile.py --headless -H http://localhost:3000 -u 8 -r 8 -t 60s \
+        --images data/samples --csv runs/load     # against a running service
+
+Scenarios: the models come from GET /models at the start (every ready one, or those named by --model). Each user
+picks a model and route at random per request: classifiers get predict and proba mixed 3 : 1, autoencoders
+reconstruct and encode 1 : 1 (MNIST through `/mnist/reconstruct`, the name users call). Every answer is checked
+(JSON keys and ranges, or a PNG), and statistics are kept per model and route.
 
 Options (each also an environment variable):
   --images DIR          LOADTEST_IMAGES          PNG/JPEG files to upload (default: generated grayscale PNGs)
-  --model NAME          LOADTEST_MODEL           model to call (default chest_xray)
+  --model NAMES         LOADTEST_MODEL           comma-separated models to call (default: every ready model)
   --max-fail-ratio R    LOADTEST_MAX_FAIL_RATIO  largest tolerated share of failed requests (default 0.01)
   --max-p95-ms MS       LOADTEST_MAX_P95_MS      largest tolerated 95th-percentile latency (default 1000)
 The process exits non-zero when a gate is exceeded, so CI can run it as is.
@@ -14,8 +20,11 @@ The process exits non-zero when a gate is exceeded, so CI can run it as is.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import random
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +37,7 @@ logger = logging.getLogger("loadtest")
 
 IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 PREDICTION_KEYS = {"model", "version", "label", "confidence"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # (file name, bytes, content type), read once: every request reuses the bytes, never an open file handle
 IMAGES: list[tuple[str, bytes, str]] = []
@@ -36,7 +46,7 @@ IMAGES: list[tuple[str, bytes, str]] = []
 @events.init_command_line_parser.add_listener
 def _add_options(parser: LocustArgumentParser) -> None:
     parser.add_argument("--images", env_var="LOADTEST_IMAGES", default="", help="folder of PNG/JPEG images")
-    parser.add_argument("--model", env_var="LOADTEST_MODEL", default="chest_xray", help="model to call")
+    parser.add_argument("--model", env_var="LOADTEST_MODEL", default="", help="models to call (default: all ready)")
     parser.add_argument("--max-fail-ratio", env_var="LOADTEST_MAX_FAIL_RATIO", type=float, default=0.01)
     parser.add_argument("--max-p95-ms", env_var="LOADTEST_MAX_P95_MS", type=float, default=1000.0)
 
@@ -70,32 +80,92 @@ def _load_images(environment: Environment, **_: object) -> None:
     logger.info("uploading %d image(s) from %s", len(IMAGES), folder or "memory (generated)")
 
 
-class PredictUser(HttpUser):
+@dataclass(frozen=True)
+class Target:
+    """One route of one model, and how often a user picks it relative to the others."""
+
+    model: str  # the name the card gives
+    path: str
+    route: str  # predict, proba, reconstruct, encode
+    weight: int
+
+
+TARGETS: list[Target] = []
+
+
+def targets_for(models: list[dict], wanted: list[str]) -> list[Target]:
+    """Routes of the ready models (or of the named ones, ready or not: a test may aim at an unavailable one)."""
+    by_name = {model["name"]: model for model in models}
+    names = wanted or [model["name"] for model in models if model.get("status") == "ready"]
+    targets = []
+    for name in names:
+        kind = (by_name.get(name, {}).get("card") or {}).get("kind", "classifier")
+        if kind == "autoencoder":
+            public = name.removesuffix("_autoencoder")  # /mnist/reconstruct serves mnist_autoencoder
+            targets += [Target(name, f"/{public}/reconstruct", "reconstruct", 1)]
+            targets += [Target(name, f"/{public}/encode", "encode", 1)]
+        else:
+            targets += [Target(name, f"/{name}/predict", "predict", 3), Target(name, f"/{name}/proba", "proba", 1)]
+    return targets
+
+
+@events.test_start.add_listener
+def _discover(environment: Environment, **_: object) -> None:
+    wanted = [name.strip() for name in getattr(environment.parsed_options, "model", "").split(",") if name.strip()]
+    try:
+        with urllib.request.urlopen(f"{environment.host.rstrip('/')}/models", timeout=30) as response:
+            models = json.load(response)["models"]
+    except (OSError, ValueError, KeyError) as error:
+        if not wanted:
+            raise SystemExit(f"GET /models failed ({error}); name the models with --model") from None
+        models = []
+    TARGETS[:] = targets_for(models, wanted)
+    if not TARGETS:
+        raise SystemExit("no ready model to load")
+    logger.info("load on %s", ", ".join(f"{t.path} (x{t.weight})" for t in TARGETS))
+
+
+def check(target: Target, response) -> str | None:
+    """Why the answer is wrong, or None."""
+    if response.status_code != 200:
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+    if target.route == "reconstruct":
+        ok = response.headers.get("content-type", "").startswith("image/png") and response.content[:8] == PNG_MAGIC
+        return None if ok else "the reconstruction is not a PNG"
+    try:
+        body = response.json()
+    except ValueError:
+        return "the response is not JSON"
+    if body.get("model") != target.model:
+        return f"answered by model {body.get('model')!r}"
+    if target.route == "predict":
+        missing = PREDICTION_KEYS - body.keys()
+        if missing:
+            return f"the response lacks {sorted(missing)}"
+        return None if 0.0 <= body["confidence"] <= 1.0 else f"implausible prediction {body}"
+    if target.route == "proba":
+        probabilities = body.get("probabilities") or {}
+        total = sum(probabilities.values())
+        return None if probabilities and abs(total - 1.0) < 1e-3 else f"probabilities sum to {total}"
+    code = body.get("code")
+    return None if isinstance(code, list) and code else "no code in the response"
+
+
+class ImageUser(HttpUser):
+    """Uploads an image to a random model route per request, weighted (predict 3 : proba 1 per classifier)."""
+
     wait_time = between(0.0, 0.1)
 
     @task
-    def predict(self) -> None:
-        model = self.environment.parsed_options.model
+    def call(self) -> None:
+        target = random.choices(TARGETS, weights=[t.weight for t in TARGETS])[0]
         name, data, content_type = random.choice(IMAGES)
         with self.client.post(
-            f"/{model}/predict",
-            files={"image": (name, data, content_type)},
-            name=f"/{model}/predict",
-            catch_response=True,
+            target.path, files={"image": (name, data, content_type)}, name=target.path, catch_response=True
         ) as response:
-            if response.status_code != 200:
-                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
-                return
-            try:
-                body = response.json()
-            except ValueError:
-                response.failure("the response is not JSON")
-                return
-            missing = PREDICTION_KEYS - body.keys()
-            if missing:
-                response.failure(f"the response lacks {sorted(missing)}")
-            elif body["model"] != model or not 0.0 <= body["confidence"] <= 1.0:
-                response.failure(f"implausible prediction {body}")
+            problem = check(target, response)
+            if problem:
+                response.failure(problem)
             else:
                 response.success()
 

@@ -1,16 +1,27 @@
-"""The batchable inference call: its wire types and the batch function behind BentoML's dispatcher.
+"""Batched inference: the in-process batcher the routes use, and the batchable API behind BentoML's dispatcher.
 
-BentoML's adaptive batching works per API, so one batchable API serves every model: each item names its
-model, and a batch is split by model into one onnxruntime call per model. Tensors travel as base64 float32
-bytes, which costs a few milliseconds per image instead of the tens that a JSON list of numbers costs.
+Two ways to batch concurrent single-image requests (``IMAGEAI_BATCHING``):
+
+- ``direct`` (:class:`Batcher`): the routes put each tensor in a queue of the worker's event loop; one task takes
+  everything queued (up to ``max_batch_size``) as one batch whenever the previous batch is done, and runs it in
+  one inference thread. Under light load a request goes at once, alone; under load batches grow by themselves.
+  No serialisation, no HTTP: about 0.1 ms per request.
+- ``bentoml``: the routes call the service's own batchable API through ``self.to_async``, i.e. through BentoML's
+  in-process HTTP client, its middleware and its adaptive-batching dispatcher. Each item names its model and a
+  batch is split by model into one onnxruntime call per model; tensors travel as base64 float32 bytes. Measured
+  on two cores (docs/performance.md): about 3.5 ms of CPU per request more than ``direct``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-from collections import defaultdict
+import time
+from collections import defaultdict, deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 from prometheus_client import Histogram
@@ -77,4 +88,127 @@ def run_batch(repository: ModelRepository, items: Sequence[InferItem]) -> list[I
             continue
         for row, (index, _) in enumerate(members):
             results[index] = InferOutput(outputs={key: value[row].ravel().tolist() for key, value in outputs.items()})
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ direct batching
+
+
+class Overloaded(Exception):
+    """The request would miss the latency deadline (or already has): answer 503 and let the client retry."""
+
+
+@dataclass
+class _Pending:
+    runner: ModelRunner
+    tensor: np.ndarray
+    future: asyncio.Future
+    enqueued: float
+
+
+class Batcher:
+    """Greedy adaptive batching inside one worker: `concurrency` batches in flight, made of whatever queued meanwhile.
+
+    Each batch runs in its own inference thread (onnxruntime's run is thread-safe), so that with single-threaded
+    sessions one process can keep several cores busy. Shedding: a request is refused with :class:`Overloaded` when
+    the images queued ahead of it would take longer than ``max_latency_ms`` at the measured cost per image, and
+    dropped when it has already waited that long before its batch starts. Batches of several models run as one
+    onnxruntime call per model, one after another.
+    """
+
+    def __init__(self, max_batch_size: int, max_latency_ms: float, concurrency: int = 1) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_latency_s = max_latency_ms / 1000
+        self.concurrency = max(1, concurrency)
+        self._queue: deque[_Pending] = deque()
+        self._ready: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+        self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="imageai-infer")
+        self._seconds_per_image = 0.0  # moving average over batches (wall time / images); 0 until the first batch
+
+    async def infer(self, runner: ModelRunner, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        """The outputs of one image (C, H, W), computed in a batch with whatever else is queued."""
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done():
+            self._ready = asyncio.Event()
+            self._task = loop.create_task(self._loop(), name="imageai-batcher")
+        if (len(self._queue) + 1) * self._seconds_per_image / self.concurrency > self.max_latency_s:
+            raise Overloaded
+        pending = _Pending(runner, tensor, loop.create_future(), time.perf_counter())
+        self._queue.append(pending)
+        self._ready.set()
+        return await pending.future
+
+    def _take(self) -> list[_Pending]:
+        batch, now = [], time.perf_counter()
+        while self._queue and len(batch) < self.max_batch_size:
+            pending = self._queue.popleft()
+            if pending.future.done():  # the client went away
+                continue
+            if now - pending.enqueued > self.max_latency_s:
+                pending.future.set_exception(Overloaded())
+                continue
+            batch.append(pending)
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while self._queue and len(self._running) < self.concurrency:
+                batch = self._take()
+                if batch:
+                    task = loop.create_task(self._run(batch))
+                    self._running.add(task)
+                    task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._ready.set()  # a slot is free: take what queued meanwhile
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        try:
+            items = [(pending.runner, pending.tensor) for pending in batch]
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, run_arrays, items)
+        except Exception as error:  # run_arrays catches per model; this is a bug, fail the batch alone
+            results = [error] * len(batch)
+        per_image = (time.perf_counter() - started) / len(batch)
+        self._seconds_per_image = (
+            per_image if not self._seconds_per_image else (0.8 * self._seconds_per_image + 0.2 * per_image)
+        )
+        for pending, result in zip(batch, results, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(result, Exception):
+                pending.future.set_exception(result)
+            else:
+                pending.future.set_result(result)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def run_arrays(items: Sequence[tuple[ModelRunner, np.ndarray]]) -> list[dict[str, np.ndarray] | Exception]:
+    """Run (model, tensor) items as one onnxruntime call per model; a failing model fails only its own items."""
+    results: list[dict[str, np.ndarray] | Exception] = [RuntimeError("not run")] * len(items)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for index, (runner, _) in enumerate(items):
+        groups[id(runner)].append(index)
+    for indices in groups.values():
+        runner = items[indices[0]][0]
+        MODEL_BATCH_SIZE.labels(model=runner.card.name).observe(len(indices))
+        try:
+            outputs = runner.run(np.stack([items[index][1] for index in indices]))
+        except Exception:
+            logger.exception("inference failed for model %s on a batch of %d", runner.card.name, len(indices))
+            for index in indices:
+                results[index] = RuntimeError("inference failed")
+            continue
+        for row, index in enumerate(indices):
+            results[index] = {name: value[row].ravel() for name, value in outputs.items()}
     return results

@@ -34,12 +34,19 @@ class Settings(BaseModel):
     # 0 = share the cores between the workers: cores // workers threads each
     intra_op_threads: int = Field(default=0, ge=0)
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    # auto: serve a model's int8 file when its card marks it served (within 1 accuracy point of fp32, faster)
+    int8: Literal["auto", "off"] = "auto"
+    # direct: in-process batcher (serving.batching.Batcher); bentoml: self.to_async through BentoML's dispatcher
+    batching: Literal["direct", "bentoml"] = "direct"
     max_batch_size: int = Field(default=32, ge=2)
     max_latency_ms: int = Field(default=500, ge=10)
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0)
     readiness: Literal["strict", "lenient"] = "strict"
     request_timeout_s: int = Field(default=60, gt=0)
+    # admission control on the public routes, per worker (serving.guard): 429 beyond these; 0 turns one off
+    max_in_flight: int = Field(default=64, ge=0)
+    rate_limit_rps: float = Field(default=200.0, ge=0)
 
     @field_validator("model_versions", mode="before")
     @classmethod
@@ -69,6 +76,11 @@ class Settings(BaseModel):
     def threads_per_session(self) -> int:
         """onnxruntime intra-op threads, so that workers x threads never exceeds the cores."""
         return self.intra_op_threads or max(1, available_cores() // self.workers)
+
+    @property
+    def batches_in_flight(self) -> int:
+        """Batches each worker runs at once (IMAGEAI_BATCHING=direct): cores ÷ (workers x intra-op threads)."""
+        return max(1, available_cores() // (self.workers * self.threads_per_session))
 
     @property
     def warmup_batch_sizes(self) -> list[int]:

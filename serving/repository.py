@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import ValidationError
 
-from contract.card import CARD_FILE, ModelCard
+from contract.card import CARD_FILE, INT8_MAX_ACCURACY_DROP, ModelCard
 from serving.config import Settings
 
 logger = logging.getLogger("bentoml.imageai")
@@ -70,7 +70,30 @@ def _read_verified_onnx(folder: Path, card: ModelCard) -> bytes:
     return data
 
 
-def _create_session(data: bytes, device: str, threads: int, optimization: str) -> ort.InferenceSession:
+def _read_int8(folder: Path, card: ModelCard) -> bytes | None:
+    """The int8 file's bytes when the card marks it served (within 1 accuracy point, faster) and its sha256 matches."""
+    info = card.quantized
+    if info is None or not info.served:
+        return None
+    too_far = info.test_accuracy < info.fp32_test_accuracy - INT8_MAX_ACCURACY_DROP - 1e-9
+    if too_far or Path(info.file).name != info.file:
+        logger.warning("model %s: the card's int8 entry is inconsistent; serving fp32", card.name)
+        return None
+    try:
+        data = (folder / info.file).read_bytes()
+    except OSError:
+        logger.warning("model %s: %s is missing or unreadable; serving fp32", card.name, info.file)
+        return None
+    if hashlib.sha256(data).hexdigest() != info.sha256:
+        logger.warning("model %s: sha256 of %s does not match the card; serving fp32", card.name, info.file)
+        return None
+    return data
+
+
+def _create_session(
+    data: bytes, device: str, threads: int, optimization: str
+) -> tuple[ort.InferenceSession, str | None]:
+    """The session, and why it runs on CPU although IMAGEAI_DEVICE=auto (None when it runs where asked)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -80,18 +103,31 @@ def _create_session(data: bytes, device: str, threads: int, optimization: str) -
     options.graph_optimization_level = _OPTIMIZATION[optimization]
     want_cuda = device != "cpu" and CUDA in ort.get_available_providers()
     providers = [CUDA, CPU] if want_cuda else [CPU]
+    fallback = None
+    if device == "auto" and not want_cuda:
+        fallback = "this onnxruntime build has no CUDA provider"
     try:
         session = ort.InferenceSession(data, options, providers=providers)
     except Exception as error:  # onnxruntime raises its own exception types for every kind of bad graph
-        message = str(error).splitlines()[0][:200]
-        raise ModelProblem(f"onnxruntime cannot load the model: {message}") from None
+        message = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        if not (want_cuda and device == "auto"):
+            raise ModelProblem(f"onnxruntime cannot load the model: {message}") from None
+        # the CUDA provider can fail while creating the session (driver, out of memory): retry on CPU
+        fallback = f"the CUDA provider failed to start the session: {message}"
+        logger.warning("%s; retrying on CPU", fallback)
+        try:
+            session = ort.InferenceSession(data, options, providers=[CPU])
+        except Exception as cpu_error:
+            message = str(cpu_error).splitlines()[0][:200] if str(cpu_error) else type(cpu_error).__name__
+            raise ModelProblem(f"onnxruntime cannot load the model: {message}") from None
     # onnxruntime-gpu lists CUDA even where its libraries are missing and silently falls back to CPU.
     active = session.get_providers()[0]
     if device == "cuda" and active != CUDA:
         raise ModelProblem("IMAGEAI_DEVICE=cuda but onnxruntime could not start the CUDA provider")
-    if want_cuda and active != CUDA:
-        logger.warning("CUDA provider listed but not usable (CUDA/cuDNN libraries missing?); using CPU")
-    return session
+    if want_cuda and active != CUDA and fallback is None:
+        fallback = "the CUDA provider is listed but did not start (CUDA/cuDNN libraries missing?)"
+        logger.warning("%s; using CPU", fallback)
+    return session, fallback
 
 
 def _dims_match(actual: Sequence[Any], expected: Sequence[int | None]) -> bool:
@@ -137,19 +173,44 @@ def _check_signature(card: ModelCard, session: ort.InferenceSession) -> list[str
 class ModelRunner:
     """A verified model: its card and one onnxruntime session, shared by all threads (run is thread-safe)."""
 
-    def __init__(self, card: ModelCard, session: ort.InferenceSession, output_names: list[str]) -> None:
+    def __init__(
+        self,
+        card: ModelCard,
+        session: ort.InferenceSession,
+        output_names: list[str],
+        fallback_reason: str | None = None,
+    ) -> None:
         self.card = card
         self.session = session
         self.output_names = output_names
         self.input_name = session.get_inputs()[0].name
         self.provider: str = session.get_providers()[0]
+        # why the model runs on CPU although IMAGEAI_DEVICE=auto could have used CUDA; shown in GET /models
+        self.fallback_reason = fallback_reason
+        self.precision = "fp32"  # "int8" when the card's quantized file is served (IMAGEAI_INT8)
 
     @classmethod
-    def load(cls, folder: Path, *, device: str = "cpu", threads: int = 1, optimization: str = "all") -> ModelRunner:
-        """Load and verify one version folder; raises ModelProblem saying what is wrong."""
+    def load(
+        cls, folder: Path, *, device: str = "cpu", threads: int = 1, optimization: str = "all", int8: bool = False
+    ) -> ModelRunner:
+        """Load and verify one version folder; raises ModelProblem saying what is wrong.
+
+        With `int8`, the card's quantized file replaces the fp32 one when the card marks it served and it passes
+        the same checks; otherwise (with a warning) the verified fp32 file serves.
+        """
         card = _read_card(folder)
-        session = _create_session(_read_verified_onnx(folder, card), device, threads, optimization)
-        return cls(card, session, _check_signature(card, session))
+        fp32 = _read_verified_onnx(folder, card)
+        quantized = _read_int8(folder, card) if int8 else None
+        if quantized is not None:
+            try:
+                session, fallback_reason = _create_session(quantized, device, threads, optimization)
+                runner = cls(card, session, _check_signature(card, session), fallback_reason)
+                runner.precision = "int8"
+                return runner
+            except ModelProblem as problem:
+                logger.warning("model %s: the int8 file cannot serve (%s); serving fp32", card.name, problem)
+        session, fallback_reason = _create_session(fp32, device, threads, optimization)
+        return cls(card, session, _check_signature(card, session), fallback_reason)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -198,6 +259,8 @@ class ModelEntry:
             "status": "ready" if self.ready else "unavailable",
             "reason": self.problem,
             "provider": self.runner.provider if self.runner else None,
+            "fallback_reason": self.runner.fallback_reason if self.runner else None,
+            "precision": self.runner.precision if self.runner else None,
         }
         if self.runner:
             card = self.runner.card
@@ -273,6 +336,7 @@ def _load_entry(model_dir: Path, settings: Settings) -> ModelEntry:
             device=settings.device,
             threads=settings.threads_per_session,
             optimization=settings.graph_optimization,
+            int8=settings.int8 == "auto",
         )
         if (runner.card.name, runner.card.version) != (name, version):
             raise ModelProblem(
@@ -282,10 +346,12 @@ def _load_entry(model_dir: Path, settings: Settings) -> ModelEntry:
         logger.error("model %s is UNAVAILABLE: %s (%s)", name, problem, model_dir / (version or ""))
         return ModelEntry(name, version, problem=str(problem))
     logger.info(
-        "model %s version %s ready on %s (%d intra-op threads, optimization %s)",
+        "model %s version %s (%s) ready on %s%s (%d intra-op threads, optimization %s)",
         name,
         version,
+        runner.precision,
         runner.provider,
+        f" (CPU fallback: {runner.fallback_reason})" if runner.fallback_reason else "",
         settings.threads_per_session,
         settings.graph_optimization,
     )

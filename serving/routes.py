@@ -28,7 +28,8 @@ from starlette.routing import Route
 
 from contract.card import InputSpec, ModelCard
 from contract.preprocessing import ImageError, TooManyPixels, preprocess
-from serving.batching import InferItem
+from serving.batching import InferItem, Overloaded
+from serving.openapi import openapi_document
 from serving.repository import AUTOENCODER_OUTPUTS, CLASSIFIER_OUTPUT, ModelEntry, ModelRunner
 
 if TYPE_CHECKING:
@@ -40,16 +41,16 @@ UPLOAD_FIELD = "image"
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.headers = status, code, message, headers
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.code, self.message)
+        return error_response(self.status, self.code, self.message, self.headers)
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 def _service() -> ImageAI:
@@ -116,6 +117,8 @@ async def _read_upload(request: Request) -> bytes:
         raise ApiError(400, "invalid_multipart", f"the multipart body cannot be parsed: {error.message}") from None
     try:
         upload = form.get(UPLOAD_FIELD)
+        if isinstance(upload, str):
+            raise ApiError(400, "missing_image", f"{UPLOAD_FIELD!r} is a text field; send the image as a file")
         if not isinstance(upload, UploadFile):
             raise ApiError(400, "missing_image", f"the request has no file field named {UPLOAD_FIELD!r}")
         return await upload.read()
@@ -137,12 +140,19 @@ async def _tensor(request: Request, spec: InputSpec) -> np.ndarray:
 
 
 async def _infer(runner: ModelRunner, tensor: np.ndarray) -> dict[str, np.ndarray]:
-    """One image through the batching dispatcher (the service calling its own batchable API)."""
+    """One image through the batcher: in-process (IMAGEAI_BATCHING=direct) or BentoML's dispatcher (bentoml)."""
+    message = "the server is too busy to answer in time; retry shortly"
+    batcher = _service().batcher
+    if batcher is not None:
+        try:
+            return await batcher.infer(runner, tensor)
+        except Overloaded:
+            raise ApiError(503, "overloaded", message, {"Retry-After": "1"}) from None
     try:
         [result] = await _service().to_async.infer([InferItem.of(runner.card.name, tensor)])
     except BentoMLException as error:
         if error.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
-            raise ApiError(503, "overloaded", "the server is too busy to answer in time; retry shortly") from None
+            raise ApiError(503, "overloaded", message, {"Retry-After": "1"}) from None
         raise
     if result.error is not None:
         raise RuntimeError(f"batched inference failed: {result.error}")
@@ -179,6 +189,11 @@ def to_png(reconstruction: np.ndarray, spec: InputSpec) -> bytes:
 @_endpoint
 async def list_models(request: Request) -> Response:
     return JSONResponse({"models": [entry.describe() for entry in _service().repository]})
+
+
+@_endpoint
+async def public_openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document(_service().repository))
 
 
 @_endpoint
@@ -227,11 +242,12 @@ async def http_error(request: Request, error: Exception) -> Response:
     """Routing errors (405 on a known path) in the same JSON shape as everything else."""
     assert isinstance(error, HTTPException)
     code = HTTPStatus(error.status_code).phrase.lower().replace(" ", "_")
-    return error_response(error.status_code, code, str(error.detail))
+    return error_response(error.status_code, code, str(error.detail), error.headers)
 
 
 ROUTES = [
     Route("/models", list_models, methods=["GET"]),
+    Route("/openapi-public.json", public_openapi, methods=["GET"]),
     Route("/{model}/predict", predict, methods=["POST"]),
     Route("/{model}/proba", proba, methods=["POST"]),
     Route("/{name}/reconstruct", reconstruct, methods=["POST"]),

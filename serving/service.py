@@ -18,9 +18,12 @@ import bentoml
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 
-from serving.batching import InferItem, InferOutput, run_batch
+from serving import metrics_labels
+from serving.batching import Batcher, InferItem, InferOutput, run_batch
 from serving.config import Settings
+from serving.guard import AdmissionGuard
 from serving.repository import ModelRepository
 from serving.routes import ROUTES, http_error
 
@@ -37,7 +40,27 @@ async def _warm_up_in_background(_: Starlette) -> AsyncIterator[None]:
     task.cancel()
 
 
-routes_app = Starlette(routes=ROUTES, exception_handlers={HTTPException: http_error}, lifespan=_warm_up_in_background)
+routes_app = Starlette(
+    routes=ROUTES,
+    exception_handlers={HTTPException: http_error},
+    lifespan=_warm_up_in_background,
+    middleware=[
+        Middleware(AdmissionGuard, max_in_flight=settings.max_in_flight, rate_limit_rps=settings.rate_limit_rps)
+    ],
+)
+
+
+def _known_model(name: str, action: str) -> bool:
+    """Whether /{name}/{action} reaches a loaded model (bounded metrics labels, serving.metrics_labels)."""
+    try:
+        repository = bentoml.get_current_service().repository
+    except Exception:  # not instantiated yet
+        return False
+    entry = repository.autoencoder(name) if action in ("reconstruct", "encode") else repository.get(name)
+    return entry is not None
+
+
+metrics_labels.install(_known_model)
 
 
 @bentoml.service(
@@ -59,6 +82,12 @@ class ImageAI:
         self.settings = settings
         self.repository = ModelRepository.load(settings)
         self.warmed_up = False
+        # IMAGEAI_BATCHING=direct: the routes batch in-process; bentoml: through self.to_async and the `infer` API
+        self.batcher = (
+            Batcher(settings.max_batch_size, settings.max_latency_ms, settings.batches_in_flight)
+            if settings.batching == "direct"
+            else None
+        )
 
     @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
     def infer(self, items: list[InferItem]) -> list[InferOutput]:
@@ -75,7 +104,11 @@ class ImageAI:
             for runner in runners:
                 item = InferItem.of(runner.card.name, np.zeros(runner.input_shape, dtype=np.float32))
                 for size in sizes:
-                    await self._burst(item, size)
+                    if self.batcher is not None:
+                        zeros = np.zeros(runner.input_shape, dtype=np.float32)
+                        await asyncio.gather(*(self.batcher.infer(runner, zeros) for _ in range(size)))
+                    else:
+                        await self._burst(item, size)
         except Exception:
             logger.exception("warm-up failed; /readyz stays unready")
             return

@@ -1,9 +1,12 @@
-"""The Locust load test runs headless against the test server, and its gates really gate."""
+"""The Locust load test runs headless (the one-command runner, which starts and stops the service itself, on
+every test model's scenarios), and its gates really gate."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import BIN, REPO_ROOT, Server
@@ -19,10 +22,17 @@ def _locust(server: Server, seconds: int, **env: str) -> subprocess.CompletedPro
 
 
 @pytest.mark.slow
-def test_locust_smoke_run_passes_its_gates(server: Server) -> None:
-    result = _locust(server, 5)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_load_runner_smoke_run_passes_its_gates(model_repository: Path) -> None:
+    """`python load_tests/run_load.py` (make loadtest): service up, every ready model's routes, gates, service down."""
+    command = [
+        sys.executable, "load_tests/run_load.py", "--models-dir", str(model_repository), "--users", "4",
+        "--duration", "4s", "--max-p95-ms", "2000",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "load test passed" in result.stderr
+    for route in ("/chest_xray/predict", "/chest_xray/proba", "/rgb/predict", "/mnist/reconstruct", "/mnist/encode"):
+        assert route in result.stdout + result.stderr  # Locust's summary table, one row per route
 
 
 @pytest.mark.slow

@@ -1,0 +1,112 @@
+"""Locust users for the soak run (driven by load_tests/soak.py; not meant to be run alone).
+
+Every user sends a uniform mix over every route of every ready model (predict and proba for classifiers,
+reconstruct and encode for autoencoders) with generated images fitting each model's input. Environment:
+  SOAK_TARGETS     JSON list of {"path", "channels", "size"}, from GET /models (written by soak.py)
+  SOAK_USER_RPS    requests per second per user (0: as fast as possible, the saturation probe)
+  SOAK_REPORT      where to write the per-minute JSON report: requests, failures by status, latency percentiles
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+from locust import HttpUser, constant, constant_throughput, events, task
+from locust.env import Environment
+from PIL import Image
+
+TARGETS: list[dict[str, Any]] = json.loads(os.environ.get("SOAK_TARGETS", "[]"))
+USER_RPS = float(os.environ.get("SOAK_USER_RPS", "0"))
+REPORT = os.environ.get("SOAK_REPORT", "")
+
+START = time.monotonic()
+LATENCIES: dict[int, list[float]] = defaultdict(list)
+FAILURES: dict[int, Counter[str]] = defaultdict(Counter)
+
+
+def _images(channels: int, size: int, count: int = 6) -> list[tuple[str, bytes, str]]:
+    """Smooth blobs plus noise, PNG for grayscale and JPEG for colour: compressible like real uploads."""
+    rng = np.random.default_rng(size * 10 + channels)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    images = []
+    for index in range(count):
+        cx, cy, width = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.4)
+        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * width**2))
+        layers = [blob * rng.uniform(120, 230) + rng.normal(0, 12, blob.shape) + 20 for _ in range(channels)]
+        pixels = np.clip(np.stack(layers, axis=-1), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        if channels == 1:
+            Image.fromarray(pixels[:, :, 0]).save(buffer, format="PNG")
+            images.append((f"soak_{index}.png", buffer.getvalue(), "image/png"))
+        else:
+            Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+            images.append((f"soak_{index}.jpg", buffer.getvalue(), "image/jpeg"))
+    return images
+
+
+UPLOADS = {target["path"]: _images(target["channels"], target["size"]) for target in TARGETS}
+
+
+@events.request.add_listener
+def _record(name: str, response_time: float, exception: BaseException | None, response: Any, **_: Any) -> None:
+    minute = int((time.monotonic() - START) // 60)
+    LATENCIES[minute].append(response_time)
+    if exception is not None:
+        status = getattr(response, "status_code", 0) or 0
+        FAILURES[minute][str(status) if status else type(exception).__name__] += 1
+
+
+@events.quitting.add_listener
+def _write_report(environment: Environment, **_: Any) -> None:
+    minutes = []
+    for minute in sorted(LATENCIES):
+        values = np.asarray(LATENCIES[minute])
+        p50, p95, p99 = np.percentile(values, [50, 95, 99])
+        minutes.append(
+            {
+                "minute": minute + 1,
+                "requests": int(values.size),
+                "failures": dict(FAILURES[minute]),
+                "p50_ms": round(float(p50), 1),
+                "p95_ms": round(float(p95), 1),
+                "p99_ms": round(float(p99), 1),
+                "max_ms": round(float(values.max()), 1),
+            }
+        )
+    total = environment.stats.total
+    summary = {
+        "requests": total.num_requests,
+        "failures": total.num_failures,
+        "seconds": round(time.monotonic() - START, 1),
+        "rps": round(total.num_requests / max(time.monotonic() - START, 1e-9), 2),
+        "ok_rps": round((total.num_requests - total.num_failures) / max(time.monotonic() - START, 1e-9), 2),
+        "p50_ms": total.get_response_time_percentile(0.5),
+        "p95_ms": total.get_response_time_percentile(0.95),
+        "p99_ms": total.get_response_time_percentile(0.99),
+        "minutes": minutes,
+    }
+    if REPORT:
+        with open(REPORT, "w") as output:
+            json.dump(summary, output, indent=2)
+    environment.process_exit_code = 0  # soak.py judges the run from the report
+
+
+class SoakUser(HttpUser):
+    wait_time = constant_throughput(USER_RPS) if USER_RPS > 0 else constant(0)
+
+    @task
+    def call(self) -> None:
+        path = random.choice(TARGETS)["path"]
+        name, data, content_type = random.choice(UPLOADS[path])
+        with self.client.post(
+            path, files={"image": (name, data, content_type)}, name=path, catch_response=True, timeout=60
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.text[:120]}")

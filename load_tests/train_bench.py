@@ -1,0 +1,189 @@
+"""Training throughput: our data pipeline and training step against the naive torchvision way, same task and model.
+
+    python load_tests/train_bench.py --task chest_xray --data ../shared/datasets/chest_xray --out runs/train_bench.json
+
+- ours: ``training.data.load_dataset`` (every image decoded once by ``contract.preprocessing`` and cached as uint8
+  pixels at the model's size), per-sample torchvision v2 augmentation on those pixels, and the batch normalised
+  by ``contract.preprocessing.normalize`` in the collate function (``training.engine.make_loader``, with the
+  loader workers training.run uses by default);
+- naive: ``torchvision.datasets.ImageFolder`` decoding every JPEG with PIL every epoch, then grayscale/RGB,
+  resize, the same augmentation, ToTensor and Normalize per sample, ``DataLoader(num_workers=2)``.
+
+Both feed the task's default architecture (or ``--arch``) with the task's batch size, Adam and cross-entropy on the
+CPU (or ``--device cuda``). Each measurement runs in its own process so that its peak memory (``ru_maxrss`` of the
+process and of its largest loader worker) is its own: ``data`` iterates the loader only, ``train`` adds the
+training step. Images/s over the timed batches, after warm-up batches. A few minutes in all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+GOAL = 3.0
+
+
+def _loader(pipeline: str, args: argparse.Namespace):
+    import torch
+    from torchvision.transforms import v2
+
+    from training import tasks
+    from training.engine import build_augmentation, make_loader
+
+    spec = tasks.get_task(args.task)
+    batch_size = args.batch_size or spec.recipe.batch_size
+    if pipeline == "ours":
+        from training.data import load_dataset
+
+        started = time.perf_counter()
+        data = load_dataset(spec, args.data, seed=0, cache_dir=args.cache_dir)
+        load_seconds = time.perf_counter() - started
+        split = data.splits["train"]
+        loader = make_loader(split, spec.input, batch_size, spec.augment, args.workers, True, 0)
+        return loader, len(data.classes), spec, batch_size, load_seconds
+
+    from torchvision.datasets import ImageFolder
+
+    inp = spec.input
+    steps: list = [v2.Grayscale(1) if inp.channels == 1 else v2.RGB(), v2.Resize((inp.height, inp.width))]
+    augmentation = build_augmentation(spec.augment, inp.height == inp.width)
+    if augmentation is not None:
+        steps.append(augmentation)
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if inp.normalization == "mean_std":
+        steps.append(v2.Normalize(list(inp.mean), list(inp.std)))
+    root = args.data / "train" if (args.data / "train").is_dir() else args.data
+    dataset = ImageFolder(str(root), transform=v2.Compose(steps))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=args.naive_workers, persistent_workers=True
+    )
+    return loader, len(dataset.classes), spec, batch_size, 0.0
+
+
+def measure(pipeline: str, mode: str, args: argparse.Namespace) -> dict:
+    """One measurement, in this process: images/s and peak memory."""
+    import torch
+    from torch import nn
+
+    from training.architectures import create_model
+
+    torch.manual_seed(0)
+    loader, classes, spec, batch_size, load_seconds = _loader(pipeline, args)
+    device = torch.device(args.device)
+    model = optimizer = None
+    if mode == "train":
+        arch = args.arch or spec.arch
+        options = dict(spec.arch_options) if arch == spec.arch else {}
+        model = create_model(
+            arch, in_chans=spec.input.channels, num_classes=classes, image_size=spec.input.height, **options
+        ).to(device)
+        model.train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=spec.recipe.lr)
+        criterion = nn.CrossEntropyLoss()
+    warmup, timed = (args.warmup, args.batches) if mode == "train" else (args.warmup, args.data_batches)
+    images, started = 0, None
+    batches = iter(loader)
+    for index in range(warmup + timed):
+        if index == warmup:
+            started, images = time.perf_counter(), 0
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            x, y = next(batches)
+        if model is not None:
+            x, y = x.to(device), y.to(device)
+            loss = criterion(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        images += len(y)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return {
+        "pipeline": pipeline,
+        "mode": mode,
+        "images_per_s": images / seconds,
+        "images": images,
+        "seconds": round(seconds, 2),
+        "batch_size": batch_size,
+        "arch": (args.arch or spec.arch) if mode == "train" else None,
+        "load_seconds": round(load_seconds, 2),  # ours: reading the cached pixels (or decoding them once)
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python load_tests/train_bench.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--task", default="chest_xray")
+    parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "datasets" / "chest_xray")
+    parser.add_argument("--arch", help="architecture (default: the task's)")
+    parser.add_argument("--batch-size", type=int, help="default: the task's")
+    parser.add_argument("--workers", type=int, default=1, help="our loader's workers (training.run's default)")
+    parser.add_argument("--naive-workers", type=int, default=2, help="the naive loader's workers")
+    parser.add_argument("--batches", type=int, default=12, help="timed training batches")
+    parser.add_argument("--data-batches", type=int, default=30, help="timed batches of the loader-only runs")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed batches first")
+    parser.add_argument("--modes", default="data,train", help="data (loader only), train (loader + training step)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".cache", help="training's decoded-image cache")
+    parser.add_argument("--out", type=Path, help="write the results here (JSON)")
+    parser.add_argument("--one", nargs=2, metavar=("PIPELINE", "MODE"), help=argparse.SUPPRESS)  # internal
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.one:
+        print("RESULT " + json.dumps(measure(*args.one, args)), flush=True)
+        return 0
+    forwarded = list(argv if argv is not None else sys.argv[1:])
+    modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    results = []
+    print(f"{'mode':6} {'pipeline':8} {'img/s':>8} {'peak MB':>8} {'worker MB':>9}  notes", flush=True)
+    for mode in modes:
+        for pipeline in ("ours", "naive"):
+            command = [sys.executable, __file__, *forwarded, "--one", pipeline, mode]
+            done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=dict(os.environ))
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                raise SystemExit(f"{pipeline} {mode} failed:\n{done.stderr[-3000:]}")
+            result = json.loads(lines[-1].removeprefix("RESULT "))
+            results.append(result)
+            note = f"cache read {result['load_seconds']} s" if pipeline == "ours" else ""
+            print(
+                f"{mode:6} {pipeline:8} {result['images_per_s']:>8.1f} {result['peak_rss_mb']:>8.0f} "
+                f"{result['peak_worker_rss_mb']:>9.0f}  {note}",
+                flush=True,
+            )
+    ratios = {}
+    for mode in modes:
+        by = {r["pipeline"]: r for r in results if r["mode"] == mode}
+        if {"ours", "naive"} <= by.keys():
+            ratios[mode] = by["ours"]["images_per_s"] / by["naive"]["images_per_s"]
+            print(f"{mode}: ours / naive = {ratios[mode]:.2f} (goal ≥ {GOAL:g})")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        report = {"task": args.task, "data": str(args.data), "results": results, "ratios": ratios}
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""An OpenAPI 3 description of the public routes, served at `GET /openapi-public.json`.
+
+BentoML's `/docs.json` lists only its own APIs (and those of mounted FastAPI apps): the Starlette routes of
+serving.routes are missing from it, so they are described here, with the names of the models loaded at startup.
+The document is what the schemathesis tests (tests/test_fuzz.py) generate requests from.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from serving.repository import ModelRepository
+
+_ERRORS = {
+    400: "no file field `image` (`missing_image`) or an unparsable multipart body (`invalid_multipart`)",
+    404: "no such model (`unknown_model`)",
+    413: "body over the size limit (`payload_too_large`) or image over the pixel limit (`too_many_pixels`)",
+    415: "not multipart/form-data (`unsupported_media_type`)",
+    422: "empty, truncated, corrupt or not an image (`invalid_image`)",
+    429: "over the per-client rate (`rate_limited`) or the in-flight cap (`over_capacity`); see Retry-After",
+    503: "the model is unavailable (`model_unavailable`) or the server is overloaded (`overloaded`)",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        }
+    },
+}
+_UPLOAD = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["image"],
+                "properties": {"image": {"type": "string", "format": "binary", "description": "PNG or JPEG"}},
+            }
+        }
+    },
+}
+_MODEL_HEADER = {"model": {"type": "string"}, "version": {"type": "string"}}
+_RESULTS = {
+    "predict": {
+        "type": "object",
+        "required": ["model", "version", "label", "confidence"],
+        "properties": {
+            **_MODEL_HEADER,
+            "label": {"type": "string"},
+            "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+            "threshold": {"type": "number"},
+        },
+    },
+    "proba": {
+        "type": "object",
+        "required": ["model", "version", "probabilities"],
+        "properties": {
+            **_MODEL_HEADER,
+            "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
+        },
+    },
+    "encode": {
+        "type": "object",
+        "required": ["model", "version", "code"],
+        "properties": {**_MODEL_HEADER, "code": {"type": "array", "items": {"type": "number"}}},
+    },
+}
+_SUMMARIES = {
+    "predict": "The label (threshold on the positive class for binary models, else argmax) and its probability",
+    "proba": "The probability of every class",
+    "reconstruct": "The autoencoder's reconstruction, a PNG at the model's input size",
+    "encode": "The autoencoder's code vector",
+}
+
+
+def _error_responses() -> dict[str, Any]:
+    responses: dict[str, Any] = {}
+    for status, description in _ERRORS.items():
+        response: dict[str, Any] = {
+            "description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+        if status in (429, 503):
+            response["headers"] = _RETRY_AFTER
+        if status == 404:  # a path no route matches (e.g. a name with a newline) gets BentoML's plain-text 404
+            response["content"]["text/plain"] = {"schema": {"type": "string"}}
+        responses[str(status)] = response
+    return responses
+
+
+def _operation(action: str, parameter: str, names: list[str]) -> dict[str, Any]:
+    if action == "reconstruct":
+        ok = {"description": "PNG", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
+    else:
+        ok = {"description": "OK", "content": {"application/json": {"schema": _RESULTS[action]}}}
+    return {
+        "post": {
+            "summary": _SUMMARIES[action],
+            "operationId": action,
+            "parameters": [
+                {
+                    "name": parameter,
+                    "in": "path",
+                    "required": True,
+                    "description": "a model name from GET /models",
+                    "schema": {"type": "string", "enum": names} if names else {"type": "string"},
+                }
+            ],
+            "requestBody": _UPLOAD,
+            "responses": {"200": ok, **_error_responses()},
+        }
+    }
+
+
+def openapi_document(repository: ModelRepository) -> dict[str, Any]:
+    """The public API, with the model names of this repository as the allowed path values."""
+    entries = list(repository)
+    classifiers = [entry.name for entry in entries if entry.kind != "autoencoder"]
+    autoencoders = [entry.name for entry in entries if entry.kind in ("autoencoder", None)]
+    aliases = [name.removesuffix("_autoencoder") for name in autoencoders if name.endswith("_autoencoder")]
+    autoencoders = sorted({*autoencoders, *aliases})
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "imageai public API",
+            "version": "1",
+            "description": "Image classifiers and autoencoders. Every error is JSON {error: {code, message}}.",
+        },
+        "paths": {
+            "/models": {
+                "get": {
+                    "summary": "Every model: name, version, status, reason, provider, fallback reason and card",
+                    "operationId": "models",
+                    "responses": {
+                        "200": {
+                            "description": "OK",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "required": ["models"],
+                                        "properties": {"models": {"type": "array", "items": {"type": "object"}}},
+                                    }
+                                }
+                            },
+                        },
+                        "429": _error_responses()["429"],
+                    },
+                }
+            },
+            "/{model}/predict": _operation("predict", "model", classifiers),
+            "/{model}/proba": _operation("proba", "model", classifiers),
+            "/{name}/reconstruct": _operation("reconstruct", "name", autoencoders),
+            "/{name}/encode": _operation("encode", "name", autoencoders),
+        },
+        "components": {"schemas": {"Error": _ERROR_SCHEMA}},
+    }

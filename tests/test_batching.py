@@ -1,0 +1,120 @@
+"""The in-process batcher (IMAGEAI_BATCHING=direct) and the BentoML-dispatcher alternative (bentoml)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import start_server
+from PIL import Image
+
+from serving.batching import Batcher, Overloaded
+from serving.config import Settings
+from serving.repository import ModelRepository
+
+
+@pytest.fixture(scope="module")
+def repository(model_repository: Path) -> ModelRepository:
+    return ModelRepository.load(Settings(models_dir=model_repository, model_versions={"rgb": "1"}))
+
+
+class Slow:
+    """Wraps a runner: records batch sizes, takes `seconds` per call, optionally fails."""
+
+    def __init__(self, runner, seconds: float = 0.05, fail: bool = False) -> None:
+        self.runner, self.seconds, self.fail, self.sizes = runner, seconds, fail, []
+        self.card = runner.card
+        self.lock = threading.Lock()
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        with self.lock:
+            self.sizes.append(len(batch))
+        time.sleep(self.seconds)
+        if self.fail:
+            raise RuntimeError("boom")
+        return self.runner.run(batch)
+
+
+def test_concurrent_calls_share_batches_and_get_their_own_rows(repository: ModelRepository) -> None:
+    runner = Slow(repository.get("chest_xray").runner)
+    batcher = Batcher(max_batch_size=8, max_latency_ms=10_000)
+    shades = np.linspace(0, 1, 20, dtype=np.float32)
+
+    async def calls() -> list[dict[str, np.ndarray]]:
+        return await asyncio.gather(*(batcher.infer(runner, np.full((1, 16, 16), s, np.float32)) for s in shades))
+
+    results = asyncio.run(calls())
+    batcher.close()
+    assert sum(runner.sizes) == 20 and max(runner.sizes) == 8 and len(runner.sizes) < 20
+    # each caller gets the row of its own image: dark → pneumonia, bright → normal
+    expected = repository.get("chest_xray").runner.run(shades.reshape(20, 1, 1, 1) * np.ones((1, 1, 16, 16)))
+    for result, want in zip(results, expected["probabilities"], strict=True):
+        np.testing.assert_allclose(result["probabilities"], want, atol=1e-6)
+
+
+def test_mixed_models_and_a_failing_model_fail_alone(repository: ModelRepository) -> None:
+    good = Slow(repository.get("chest_xray").runner, seconds=0.01)
+    bad = Slow(repository.get("rgb").runner, seconds=0.01, fail=True)
+    batcher = Batcher(max_batch_size=16, max_latency_ms=10_000)
+
+    async def calls() -> list[object]:
+        jobs = [batcher.infer(good, np.zeros((1, 16, 16), np.float32)) for _ in range(4)]
+        jobs += [batcher.infer(bad, np.zeros((3, 8, 8), np.float32)) for _ in range(3)]
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    results = asyncio.run(calls())
+    batcher.close()
+    assert all(isinstance(r, dict) for r in results[:4])
+    assert all(isinstance(r, RuntimeError) for r in results[4:])
+
+
+def test_requests_that_would_miss_the_deadline_are_shed(repository: ModelRepository) -> None:
+    runner = Slow(repository.get("chest_xray").runner, seconds=0.1)
+    batcher = Batcher(max_batch_size=2, max_latency_ms=150)
+
+    async def calls() -> list[object]:
+        zeros = np.zeros((1, 16, 16), np.float32)
+        first = await batcher.infer(runner, zeros)  # teaches the batcher the cost: ~0.1 s per image
+        rest = await asyncio.gather(*(batcher.infer(runner, zeros) for _ in range(12)), return_exceptions=True)
+        return [first, *rest]
+
+    results = asyncio.run(calls())
+    batcher.close()
+    shed = [r for r in results if isinstance(r, Overloaded)]
+    assert isinstance(results[0], dict) and shed and len(shed) < len(results)
+
+
+def _metric_sum(text: str, pattern: str) -> float:
+    return sum(float(value) for value in re.findall(pattern, text, re.MULTILINE))
+
+
+@pytest.mark.slow
+def test_bentoml_dispatcher_mode_still_batches(model_repository: Path, tmp_path: Path) -> None:
+    server = start_server(model_repository, tmp_path, readiness="lenient", batching="bentoml", rate_limit_rps="0")
+    images = []
+    for shade in range(0, 256, 16):
+        buffer = io.BytesIO()
+        Image.new("L", (64, 64), shade).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            posts = (client.post("/chest_xray/predict", files={"image": ("a.png", d, "image/png")}) for d in images)
+            return [response.status_code for response in await asyncio.gather(*posts)]
+
+    try:
+        server.wait("/readyz")
+        pattern = r'^bentoml_service_adaptive_batch_size_count\{[^}]*method_name="infer"[^}]*\} (\S+)$'
+        before = _metric_sum(httpx.get(server.url + "/metrics").text, pattern)
+        assert asyncio.run(burst()) == [200] * len(images)
+        after = _metric_sum(httpx.get(server.url + "/metrics").text, pattern)
+        assert 0 < after - before < len(images)  # through BentoML's dispatcher, fewer batches than requests
+    finally:
+        server.stop()
