@@ -519,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ExportError, ValueError, RuntimeError, KeyError) as error:
         log.error("%s", error)
         return 2
+    finally:
+        torch.set_flush_denormal(False)  # it is process-wide CPU state: do not leak it into a caller (tests, compare)
 
 
 if __name__ == "__main__":
