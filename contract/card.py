@@ -71,6 +71,18 @@ class OnnxInfo(BaseModel):
     parity_max_abs_diff: float | None = None
 
 
+class ExplanationInfo(BaseModel):
+    """Which ONNX output explains a classifier's decision, and how it was computed (serving reads this, not code)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output: str = "cam"  # float32 [N, classes, H, W]: one non-negative map per class, at the input resolution
+    method: Literal["cam"] = "cam"
+    layer: str  # the feature map the maps are computed on, e.g. "last spatial feature map, 4x4 cells"
+    description: str = ""
+    parity_max_rel_diff: float | None = None  # ONNX vs PyTorch, relative to the largest value of the maps
+
+
 INT8_MAX_ACCURACY_DROP = 0.01  # an int8 model is served only within 1 accuracy point of its fp32 model
 
 
@@ -118,6 +130,7 @@ class ModelCard(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
     quantized: QuantizedInfo | None = None  # written by `python -m training.quantize`
+    explanation: ExplanationInfo | None = None  # None: exported without one, POST /<model>/explain answers 409
     created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
     @model_validator(mode="after")
@@ -131,6 +144,8 @@ class ModelCard(BaseModel):
             raise ValueError(f"positive_class {self.positive_class!r} is not one of the classes")
         if (self.threshold is None) != (self.positive_class is None):
             raise ValueError("threshold and positive_class go together")
+        if self.explanation is not None and self.kind != "classifier":
+            raise ValueError("only a classifier can carry an explanation output")
         return self
 
     @property

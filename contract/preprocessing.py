@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from contract.card import InputSpec
 
 ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "BMP", "TIFF", "WEBP"})
+DICOM_MEDIA_TYPE = "application/dicom"
 DEFAULT_MAX_PIXELS = 50_000_000
 
 _RESAMPLING = {
@@ -36,20 +37,24 @@ class TooManyPixels(ImageError):
     code = "too_many_pixels"
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode bytes into a Pillow image with EXIF orientation applied.
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, dicom: bool = False) -> Image.Image:
+    """Decode bytes into a Pillow image with EXIF orientation applied; DICOM (by content, or `dicom`) to 8 bits.
 
     The pixel count is checked from the header, before any pixel data is decompressed, so a decompression bomb costs
     nothing.
     """
     if not data:
         raise ImageError("the uploaded file is empty")
+    if dicom or data[128:132] == b"DICM":  # a DICOM Part 10 preamble; `dicom` for a bare dataset
+        from contract.dicom import decode_dicom
+
+        return decode_dicom(data, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageError("the upload is not a recognised image (PNG or JPEG expected)") from None
+        raise ImageError("the upload is not a recognised image (PNG, JPEG or DICOM expected)") from None
     except Image.DecompressionBombError:
         raise TooManyPixels(f"the image has more than {max_pixels} pixels") from None
     except (OSError, SyntaxError, ValueError) as error:
@@ -113,9 +118,9 @@ def image_to_pixels(image: Image.Image, spec: InputSpec) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
-def load_pixels(data: bytes, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_pixels(data: bytes, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS, dicom: bool = False) -> np.ndarray:
     """Image bytes → uint8 pixels (C, H, W) at the model's size. Training caches exactly this."""
-    return image_to_pixels(decode_image(data, max_pixels), spec)
+    return image_to_pixels(decode_image(data, max_pixels, dicom), spec)
 
 
 def normalize(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -132,6 +137,6 @@ def normalize(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
     return x
 
 
-def preprocess(data: bytes, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def preprocess(data: bytes, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS, dicom: bool = False) -> np.ndarray:
     """Image bytes → float32 model input (C, H, W): what serving runs on every upload."""
-    return normalize(load_pixels(data, spec, max_pixels), spec)
+    return normalize(load_pixels(data, spec, max_pixels, dicom), spec)

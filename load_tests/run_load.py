@@ -36,18 +36,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float, consecutive: int = 4) -> None:
+    """Until /readyz answers 200 `consecutive` times in a row (each worker answers for itself)."""
+    deadline, streak = time.monotonic() + timeout, 0
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"the service exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
-                if response.status == 200:
-                    return
+                streak = streak + 1 if response.status == 200 else 0
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.3)
+            streak = 0
+        if streak >= consecutive:
+            return
+        time.sleep(0.1 if streak else 0.3)
     raise SystemExit(f"the service was not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 

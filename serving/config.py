@@ -13,14 +13,35 @@ from contract.preprocessing import DEFAULT_MAX_PIXELS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV_PREFIX = "IMAGEAI_"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cpu_quota(cgroup: Path = CGROUP_ROOT) -> int | None:
+    """Whole CPUs of the container's CPU quota (Kubernetes `limits.cpu`, `docker --cpus`), at least 1; None if unset.
+
+    A quota does not shrink the CPU affinity: without this, a pod limited to 2 CPUs on a 64-core node would start
+    onnxruntime threads for 64 cores and be throttled. cgroup v2 (`cpu.max`) first, then v1 (`cpu.cfs_quota_us`).
+    """
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()  # v2: "200000 100000", or "max 100000"
+    except (OSError, ValueError):
+        try:
+            quota, period = ((cgroup / "cpu" / name).read_text() for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+        except OSError:
+            return None
+    try:
+        return None if quota.strip() in ("max", "-1") else max(1, int(quota) // int(period))
+    except (ValueError, ZeroDivisionError):
+        return None
 
 
 def available_cores() -> int:
-    """CPU cores this process may run on (respects taskset/cpusets, unlike os.cpu_count)."""
+    """CPU cores this process may use: its CPU affinity (taskset, cpusets), capped by a container CPU quota."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return min(cores, cpu_quota() or cores)
 
 
 class Settings(BaseModel):
@@ -30,7 +51,8 @@ class Settings(BaseModel):
     # name -> version to serve instead of the highest one, e.g. "chest_xray=2,mnist_autoencoder=1"
     model_versions: dict[str, str] = Field(default_factory=dict)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    workers: int = Field(default=1, ge=1)
+    # 2 on the 2-core box measured in docs/performance.md: one single-threaded session per worker and core
+    workers: int = Field(default=2, ge=1)
     # 0 = share the cores between the workers: cores // workers threads each
     intra_op_threads: int = Field(default=0, ge=0)
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"

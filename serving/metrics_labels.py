@@ -17,12 +17,13 @@ from typing import Any
 
 logger = logging.getLogger("bentoml.imageai")
 
-PUBLIC_ACTIONS = ("predict", "proba", "reconstruct", "encode")
+PUBLIC_ACTIONS = ("predict", "proba", "explain", "reconstruct", "encode")
 STATIC_PATHS = frozenset(
     {"/", "/docs.json", "/schema.json", "/livez", "/healthz", "/readyz", "/metrics", "/infer", "/models"}
-    | {"/openapi-public.json"}
+    | {"/openapi-public.json", "/ui", "/v2", "/v2/health/live", "/v2/health/ready"}
 )
 _PUBLIC = re.compile(rf"/([^/]+)/({'|'.join(PUBLIC_ACTIONS)})")
+_V2_MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?(/ready|/config|/infer)?")
 _ORIGINAL_PATH = "imageai.original_path"
 
 
@@ -33,6 +34,9 @@ def endpoint_label(path: str, known_model: Callable[[str, str], bool]) -> str:
     if match := _PUBLIC.fullmatch(path):
         name, action = match.groups()
         return path if known_model(name, action) else f"/{{unknown}}/{action}"
+    if match := _V2_MODEL.fullmatch(path):  # the version is left out: clients may send any string there
+        name, action = match.groups()
+        return f"/v2/models/{name if known_model(name, 'predict') else '{unknown}'}{action or ''}"
     for prefix in ("/static_content/", "/assets/"):
         if path.startswith(prefix):
             return prefix + "*"

@@ -40,7 +40,7 @@ _UPLOAD = {
             "schema": {
                 "type": "object",
                 "required": ["image"],
-                "properties": {"image": {"type": "string", "format": "binary", "description": "PNG or JPEG"}},
+                "properties": {"image": {"type": "string", "format": "binary", "description": "PNG, JPEG or DICOM"}},
             }
         }
     },
@@ -65,6 +65,33 @@ _RESULTS = {
             "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
         },
     },
+    "explain": {
+        "type": "object",
+        "required": ["model", "version", "label", "confidence", "probabilities", "explanation"],
+        "properties": {
+            **_MODEL_HEADER,
+            "label": {"type": "string"},
+            "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+            "threshold": {"type": "number"},
+            "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
+            "explanation": {
+                "type": "object",
+                "required": ["method", "class", "height", "width", "map"],
+                "properties": {
+                    "method": {"type": "string"},
+                    "layer": {"type": "string"},
+                    "class": {"type": "string"},
+                    "height": {"type": "integer"},
+                    "width": {"type": "integer"},
+                    "map": {
+                        "type": "array",
+                        "description": "height rows of width values in [0, 1], at the model's input resolution",
+                        "items": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}},
+                    },
+                },
+            },
+        },
+    },
     "encode": {
         "type": "object",
         "required": ["model", "version", "code"],
@@ -74,6 +101,8 @@ _RESULTS = {
 _SUMMARIES = {
     "predict": "The label (threshold on the positive class for binary models, else argmax) and its probability",
     "proba": "The probability of every class",
+    "explain": "The prediction and the class activation map of the returned label: JSON, or with ?format=png "
+    "(or Accept: image/png) a PNG of the map over the image the model saw",
     "reconstruct": "The autoencoder's reconstruction, a PNG at the model's input size",
     "encode": "The autoencoder's code vector",
 }
@@ -95,25 +124,38 @@ def _error_responses() -> dict[str, Any]:
 
 
 def _operation(action: str, parameter: str, names: list[str]) -> dict[str, Any]:
+    png = {"image/png": {"schema": {"type": "string", "format": "binary"}}}
     if action == "reconstruct":
-        ok = {"description": "PNG", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
+        ok = {"description": "PNG", "content": png}
     else:
         ok = {"description": "OK", "content": {"application/json": {"schema": _RESULTS[action]}}}
+    parameters = [
+        {
+            "name": parameter,
+            "in": "path",
+            "required": True,
+            "description": "a model name from GET /models",
+            "schema": {"type": "string", "enum": names} if names else {"type": "string"},
+        }
+    ]
+    responses = {"200": ok, **_error_responses()}
+    if action == "explain":
+        ok["content"].update(png)
+        parameters.append(
+            {"name": "format", "in": "query", "required": False, "schema": {"type": "string", "enum": ["json", "png"]}}
+        )
+        responses["400"] = {**responses["400"], "description": responses["400"]["description"] + "; `invalid_format`"}
+        responses["409"] = {
+            "description": "the model was exported without an explanation output (`explanation_unavailable`)",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
     return {
         "post": {
             "summary": _SUMMARIES[action],
             "operationId": action,
-            "parameters": [
-                {
-                    "name": parameter,
-                    "in": "path",
-                    "required": True,
-                    "description": "a model name from GET /models",
-                    "schema": {"type": "string", "enum": names} if names else {"type": "string"},
-                }
-            ],
+            "parameters": parameters,
             "requestBody": _UPLOAD,
-            "responses": {"200": ok, **_error_responses()},
+            "responses": responses,
         }
     }
 
@@ -156,6 +198,7 @@ def openapi_document(repository: ModelRepository) -> dict[str, Any]:
             },
             "/{model}/predict": _operation("predict", "model", classifiers),
             "/{model}/proba": _operation("proba", "model", classifiers),
+            "/{model}/explain": _operation("explain", "model", classifiers),
             "/{name}/reconstruct": _operation("reconstruct", "name", autoencoders),
             "/{name}/encode": _operation("encode", "name", autoencoders),
         },

@@ -7,6 +7,7 @@ still serve and clients learn why. Nothing here unpickles: cards are JSON and mo
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
@@ -167,6 +168,10 @@ def _check_signature(card: ModelCard, session: ort.InferenceSession) -> list[str
             raise ModelProblem(f"a {card.kind} needs an output named {output!r}, the graph has {sorted(outputs)}")
         if not _dims_match(outputs[output], shape):
             raise ModelProblem(f"output {output!r} has shape {outputs[output]}, expected {list(shape)}")
+    if card.explanation is not None:
+        cam, shape = card.explanation.output, (None, len(card.classes), spec.height, spec.width)
+        if cam not in outputs or not _dims_match(outputs[cam], shape):
+            raise ModelProblem(f"the card's explanation output {cam!r} is not in the graph with shape {list(shape)}")
     return list(expected)
 
 
@@ -188,6 +193,11 @@ class ModelRunner:
         # why the model runs on CPU although IMAGEAI_DEVICE=auto could have used CUDA; shown in GET /models
         self.fallback_reason = fallback_reason
         self.precision = "fp32"  # "int8" when the card's quantized file is served (IMAGEAI_INT8)
+        # the same session asked for the class activation maps too (POST /{model}/explain); predict never runs them
+        self.explainer: ModelRunner | None = None
+        if card.explanation is not None:
+            self.explainer = copy.copy(self)
+            self.explainer.output_names = [*output_names, card.explanation.output]
 
     @classmethod
     def load(
@@ -232,6 +242,8 @@ class ModelRunner:
         """Run once per batch size so that no client pays for onnxruntime's first-run allocations."""
         for size in batch_sizes:
             self.run(np.zeros((size, *self.input_shape), dtype=np.float32))
+        if self.explainer is not None:
+            self.explainer.run(np.zeros((1, *self.input_shape), dtype=np.float32))
 
 
 @dataclass(frozen=True)
@@ -276,6 +288,7 @@ class ModelEntry:
                         "positive_class",
                         "threshold",
                         "threshold_rule",
+                        "explanation",
                         "architecture",
                         "parameters",
                         "metrics",

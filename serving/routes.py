@@ -12,6 +12,7 @@ import io
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
@@ -23,12 +24,13 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from contract.card import InputSpec, ModelCard
-from contract.preprocessing import ImageError, TooManyPixels, preprocess
+from contract.preprocessing import DICOM_MEDIA_TYPE, ImageError, TooManyPixels, load_pixels, normalize, preprocess
 from serving.batching import InferItem, Overloaded
+from serving.explain import overlay_png, scaled_map
 from serving.openapi import openapi_document
 from serving.repository import AUTOENCODER_OUTPUTS, CLASSIFIER_OUTPUT, ModelEntry, ModelRunner
 
@@ -38,6 +40,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger("bentoml.imageai")
 
 UPLOAD_FIELD = "image"
+UI_PAGE = Path(__file__).parent / "static" / "ui.html"
+# the page's script and styles are inline; nothing else may load (no third-party code near clinical images)
+UI_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src 'self' blob: data:",
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 class ApiError(Exception):
@@ -102,8 +111,8 @@ async def _bounded_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _read_upload(request: Request) -> bytes:
-    """The bytes of the multipart file field `image`, refusing oversized bodies before reading them."""
+async def _read_upload(request: Request) -> tuple[bytes, str]:
+    """The bytes and declared media type of the multipart file field `image`, refusing oversized bodies unread."""
     limit = _service().settings.max_upload_bytes
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", f"send multipart/form-data with a file field {UPLOAD_FIELD!r}")
@@ -121,15 +130,20 @@ async def _read_upload(request: Request) -> bytes:
             raise ApiError(400, "missing_image", f"{UPLOAD_FIELD!r} is a text field; send the image as a file")
         if not isinstance(upload, UploadFile):
             raise ApiError(400, "missing_image", f"the request has no file field named {UPLOAD_FIELD!r}")
-        return await upload.read()
+        return await upload.read(), (upload.content_type or "").split(";")[0].strip().lower()
     finally:
         await form.close()
 
 
-async def _tensor(request: Request, spec: InputSpec) -> np.ndarray:
-    data = await _read_upload(request)
+async def _decoded(request: Request, spec: InputSpec, convert: Callable[..., np.ndarray]) -> np.ndarray:
+    """The upload through `convert` (preprocess, or load_pixels), in a thread; decoding problems become 4xx.
+
+    DICOM is recognised by its content, or by the part's declared type application/dicom (files without preamble).
+    """
+    data, media_type = await _read_upload(request)
+    dicom = media_type == DICOM_MEDIA_TYPE
     try:
-        return await anyio.to_thread.run_sync(preprocess, data, spec, _service().settings.max_pixels)
+        return await anyio.to_thread.run_sync(convert, data, spec, _service().settings.max_pixels, dicom)
     except TooManyPixels as error:
         raise ApiError(413, error.code, str(error)) from None
     except ImageError as error:
@@ -137,6 +151,10 @@ async def _tensor(request: Request, spec: InputSpec) -> np.ndarray:
     except (OSError, ValueError, SyntaxError):
         logger.warning("an upload decoded but could not be converted", exc_info=True)
         raise ApiError(422, ImageError.code, "the image could not be converted to the model's input") from None
+
+
+async def _tensor(request: Request, spec: InputSpec) -> np.ndarray:
+    return await _decoded(request, spec, preprocess)
 
 
 async def _infer(runner: ModelRunner, tensor: np.ndarray) -> dict[str, np.ndarray]:
@@ -238,6 +256,67 @@ async def encode(request: Request) -> Response:
     return JSONResponse({"model": card.name, "version": card.version, "code": code.tolist()})
 
 
+def _wants_png(request: Request) -> bool:
+    """`?format=png|json` decides; without it, an Accept header asking for image/png and not JSON."""
+    chosen = request.query_params.get("format")
+    if chosen is not None:
+        if chosen not in ("json", "png"):
+            raise ApiError(400, "invalid_format", "format must be json or png")
+        return chosen == "png"
+    accept = request.headers.get("accept", "")
+    return "image/png" in accept and "application/json" not in accept
+
+
+async def _explained(explainer: ModelRunner, tensor: np.ndarray) -> dict[str, np.ndarray]:
+    """Probabilities and maps of one image: through the batcher, or alone with IMAGEAI_BATCHING=bentoml, whose
+    batch API names a model and always runs its prediction outputs only."""
+    if _service().batcher is not None:
+        return await _infer(explainer, tensor)
+    outputs = await anyio.to_thread.run_sync(explainer.run, tensor[None])
+    return {name: value[0] for name, value in outputs.items()}
+
+
+@_endpoint
+async def explain(request: Request) -> Response:
+    runner = _classifier(request)
+    card = runner.card
+    as_png = _wants_png(request)
+    if runner.explainer is None or card.explanation is None:
+        raise ApiError(
+            409,
+            "explanation_unavailable",
+            f"model {card.name} version {card.version} was exported without an explanation output; re-export it "
+            f"from its checkpoint: python -m training.run {card.task} --data DATA --checkpoint RUN/best.pt --epochs 0",
+        )
+    pixels = await _decoded(request, card.input, load_pixels)
+    outputs = await _explained(runner.explainer, normalize(pixels, card.input))
+    probabilities = outputs[CLASSIFIER_OUTPUT].ravel()
+    label, confidence = decide(card, probabilities)
+    maps = outputs[card.explanation.output].reshape(len(card.classes), card.input.height, card.input.width)
+    heat = scaled_map(maps[card.classes.index(label)])
+    if as_png:
+        headers = {"X-Model": card.name, "X-Model-Version": card.version, "X-Label": label}
+        return Response(overlay_png(pixels, heat), media_type="image/png", headers=headers)
+    body: dict[str, Any] = {"model": card.name, "version": card.version, "label": label, "confidence": confidence}
+    if card.threshold is not None:
+        body["threshold"] = card.threshold
+    body["probabilities"] = by_class(card, probabilities)
+    body["explanation"] = {
+        "method": card.explanation.method,
+        "layer": card.explanation.layer,
+        "class": label,
+        "height": card.input.height,
+        "width": card.input.width,
+        "map": np.round(heat, 4).tolist(),
+    }
+    return JSONResponse(body)
+
+
+@_endpoint
+async def ui(request: Request) -> Response:
+    return HTMLResponse(UI_PAGE.read_text(encoding="utf-8"), headers=UI_HEADERS)
+
+
 async def http_error(request: Request, error: Exception) -> Response:
     """Routing errors (405 on a known path) in the same JSON shape as everything else."""
     assert isinstance(error, HTTPException)
@@ -246,10 +325,12 @@ async def http_error(request: Request, error: Exception) -> Response:
 
 
 ROUTES = [
+    Route("/ui", ui, methods=["GET"]),
     Route("/models", list_models, methods=["GET"]),
     Route("/openapi-public.json", public_openapi, methods=["GET"]),
     Route("/{model}/predict", predict, methods=["POST"]),
     Route("/{model}/proba", proba, methods=["POST"]),
+    Route("/{model}/explain", explain, methods=["POST"]),
     Route("/{name}/reconstruct", reconstruct, methods=["POST"]),
     Route("/{name}/encode", encode, methods=["POST"]),
 ]

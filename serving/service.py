@@ -26,6 +26,7 @@ from serving.config import Settings
 from serving.guard import AdmissionGuard
 from serving.repository import ModelRepository
 from serving.routes import ROUTES, http_error
+from serving.v2 import V2_ROUTES
 
 logger = logging.getLogger("bentoml.imageai")
 
@@ -41,7 +42,7 @@ async def _warm_up_in_background(_: Starlette) -> AsyncIterator[None]:
 
 
 routes_app = Starlette(
-    routes=ROUTES,
+    routes=[*ROUTES, *V2_ROUTES],  # the Open Inference Protocol beside our own routes
     exception_handlers={HTTPException: http_error},
     lifespan=_warm_up_in_background,
     middleware=[
@@ -71,8 +72,12 @@ metrics_labels.install(_known_model)
     # self.to_async talks to this very process. BentoML renews that client session every 100 requests by
     # default and closes the old one under in-flight calls, failing them; in-process it buys nothing.
     runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
-    # the internal /infer calls would double every access-log line and request metric
-    logging={"access": {"skip_paths": ["/metrics", "/healthz", "/livez", "/readyz", "/infer"]}},
+    # the internal /infer calls would double every access-log line and request metric; probes would flood the log
+    logging={
+        "access": {
+            "skip_paths": ["/metrics", "/healthz", "/livez", "/readyz", "/infer", "/v2/health/live", "/v2/health/ready"]
+        }
+    },
 )
 @bentoml.asgi_app(routes_app)
 class ImageAI:

@@ -24,7 +24,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # the project is not pip-installed: import contract/ and serving/ from this checkout
 sys.path.insert(0, str(REPO_ROOT))
 
-from contract.card import ONNX_FILE, InputSpec, ModelCard, OnnxInfo, TensorSpec, sha256_file  # noqa: E402
+from contract.card import (  # noqa: E402
+    ONNX_FILE,
+    ExplanationInfo,
+    InputSpec,
+    ModelCard,
+    OnnxInfo,
+    TensorSpec,
+    sha256_file,
+)
 
 OPSET = 17
 BIN = Path(sys.executable).parent
@@ -44,19 +52,32 @@ def _save(graph: onnx.GraphProto, folder: Path) -> Path:
     return path
 
 
-def classifier_graph(channels: int, size: int, weights: np.ndarray, bias: np.ndarray) -> onnx.GraphProto:
-    """GlobalAveragePool → Flatten → Gemm → Softmax: class scores are affine in each channel's mean."""
+def classifier_graph(
+    channels: int, size: int, weights: np.ndarray, bias: np.ndarray, cam: bool = False
+) -> onnx.GraphProto:
+    """GlobalAveragePool → Flatten → Gemm → Softmax: class scores are affine in each channel's mean.
+
+    With `cam`, also the class activation maps ReLU(sum_c W[c, k] * input_c) as output "cam" [N, classes, H, W].
+    """
     classes = weights.shape[1]
+    explain = [
+        helper.make_node("Einsum", ["input", "W"], ["evidence"], equation="nchw,ck->nkhw"),
+        helper.make_node("Relu", ["evidence"], ["cam"]),
+    ]
     return helper.make_graph(
         [
             helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
             helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
             helper.make_node("Gemm", ["features", "W", "B"], ["logits"]),
             helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+            *(explain if cam else []),
         ],
         "classifier",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", channels, size, size])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes])],
+        [
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes]),
+            *([helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", classes, size, size])] if cam else []),
+        ],
         initializer=[
             numpy_helper.from_array(weights.astype(np.float32), "W"),
             numpy_helper.from_array(bias.astype(np.float32), "B"),
@@ -97,6 +118,8 @@ def write_card(folder: Path, *, name: str, version: str, kind: str, spec: InputS
     chw = [spec.channels, spec.height, spec.width]
     if kind == "classifier":
         outputs = [TensorSpec(name="probabilities", shape=[-1, len(fields["classes"])])]  # type: ignore[arg-type]
+        if fields.get("explanation"):
+            outputs.append(TensorSpec(name="cam", shape=[-1, len(fields["classes"]), *chw[1:]]))  # type: ignore
     else:
         outputs = [
             TensorSpec(name="reconstruction", shape=[-1, *chw]),
@@ -125,7 +148,8 @@ def write_card(folder: Path, *, name: str, version: str, kind: str, spec: InputS
 
 def build_model_repository(root: Path) -> Path:
     """models/ with:
-    - chest_xray v1 and v2 (binary, gray 16x16, threshold 0.5): dark images → pneumonia, bright → normal;
+    - chest_xray v1 and v2 (binary, gray 16x16, threshold 0.5): dark images → pneumonia, bright → normal; v2 with
+      class activation maps (bright pixels are the evidence for normal);
     - rgb v1 and v2 (3 classes, RGB 8x8): the dominant channel wins;
     - mnist_autoencoder v1 (gray 28x28, code of 30);
     - tampered v1: a valid classifier whose card carries a wrong sha256.
@@ -133,7 +157,8 @@ def build_model_repository(root: Path) -> Path:
     gray = InputSpec(channels=1, height=16, width=16)
     for version in ("1", "2"):
         folder = root / "chest_xray" / version
-        _save(classifier_graph(1, 16, np.array([[8.0, -8.0]]), np.array([-4.0, 4.0])), folder)
+        explained = version == "2"
+        _save(classifier_graph(1, 16, np.array([[8.0, -8.0]]), np.array([-4.0, 4.0]), cam=explained), folder)
         write_card(
             folder,
             name="chest_xray",
@@ -143,6 +168,7 @@ def build_model_repository(root: Path) -> Path:
             classes=["normal", "pneumonia"],
             positive_class="pneumonia",
             threshold=0.5,
+            explanation=ExplanationInfo(layer="the input pixels, 16x16 cells") if explained else None,
         )
     rgb = InputSpec(channels=3, height=8, width=8)
     for version in ("1", "2"):
@@ -237,6 +263,7 @@ def start_server(models_dir: Path, workdir: Path, **settings: str) -> Server:
         "BENTOML_HOME": str(workdir / "bentoml"),
         "BENTOML_DO_NOT_TRACK": "true",
         "IMAGEAI_MODELS_DIR": str(models_dir),
+        "IMAGEAI_WORKERS": "1",  # one process: every request meets the same batcher, metrics and limits
         **{f"IMAGEAI_{key.upper()}": value for key, value in settings.items()},
     }
     log = workdir / "server.log"

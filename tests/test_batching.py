@@ -116,5 +116,7 @@ def test_bentoml_dispatcher_mode_still_batches(model_repository: Path, tmp_path:
         assert asyncio.run(burst()) == [200] * len(images)
         after = _metric_sum(httpx.get(server.url + "/metrics").text, pattern)
         assert 0 < after - before < len(images)  # through BentoML's dispatcher, fewer batches than requests
+        explained = httpx.post(server.url + "/chest_xray/explain", files={"image": ("a.png", images[-1], "image/png")})
+        assert explained.status_code == 200 and explained.json()["label"] == "normal"  # run alone in this mode
     finally:
         server.stop()

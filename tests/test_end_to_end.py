@@ -59,6 +59,21 @@ def test_service_probabilities_equal_training_evaluation(task: str, trained: Tra
         assert ("threshold" in body) == (card.threshold is not None)
 
 
+@pytest.mark.parametrize("task", [*sorted(TINY), "mnist"])
+def test_every_trained_classifier_explains_its_prediction(task: str, trained: Trained, served: Server) -> None:
+    card = ModelCard.load(trained.models / task / "1")
+    images = sorted(trained.data[task].rglob("*.png"))  # MNIST's data are IDX files: draw a digit instead
+    data = images[0].read_bytes() if images else _png(np.pad(np.full((16, 4), 255, np.uint8), ((6, 6), (12, 12))))
+    files = {"image": ("x", data, "image/png")}
+    explained = httpx.post(f"{served.url}/{task}/explain", files=files, timeout=30).json()
+    predicted = httpx.post(f"{served.url}/{task}/predict", files=files, timeout=30).json()
+    probabilities = httpx.post(f"{served.url}/{task}/proba", files=files, timeout=30).json()["probabilities"]
+    assert (explained["label"], explained["confidence"]) == (predicted["label"], pytest.approx(predicted["confidence"]))
+    assert explained["probabilities"] == pytest.approx(probabilities, abs=1e-6)
+    heat = np.array(explained["explanation"]["map"])
+    assert heat.shape == (card.input.height, card.input.width) and heat.min() >= 0 and heat.max() <= 1
+
+
 def test_every_model_refuses_bad_input_with_4xx(served: Server) -> None:
     for task in [*TINY, "mnist"]:
         for payload in (b"", b"not an image"):
@@ -67,12 +82,16 @@ def test_every_model_refuses_bad_input_with_4xx(served: Server) -> None:
             assert response.json()["error"]["code"] == "invalid_image"
 
 
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_mnist_routes_on_the_trained_models(served: Server) -> None:
     digit = np.zeros((28, 28), dtype=np.uint8)
     digit[6:22, 12:16] = 255
-    buffer = io.BytesIO()
-    Image.fromarray(digit).save(buffer, format="PNG")
-    files = {"image": ("digit.png", buffer.getvalue(), "image/png")}
+    files = {"image": ("digit.png", _png(digit), "image/png")}
 
     predicted = httpx.post(f"{served.url}/mnist/predict", files=files).json()
     assert predicted["label"] in [str(d) for d in range(10)]

@@ -26,7 +26,7 @@ def test_load_runner_smoke_run_passes_its_gates(model_repository: Path) -> None:
     """`python load_tests/run_load.py` (make loadtest): service up, every ready model's routes, gates, service down."""
     command = [
         sys.executable, "load_tests/run_load.py", "--models-dir", str(model_repository), "--users", "4",
-        "--duration", "4s", "--max-p95-ms", "2000",
+        "--duration", "4s", "--max-p95-ms", "2000", "--env", "IMAGEAI_WORKERS=1",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

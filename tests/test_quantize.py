@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from pydantic import ValidationError
 
@@ -42,6 +43,9 @@ def test_quantize_writes_int8_file_and_card_entry(quantized: tuple[Path, Path]) 
     close = info.test_accuracy >= info.fp32_test_accuracy - 0.01
     assert info.served == (close and info.speedup >= 1.1)
     assert card.onnx.sha256 == sha256_file(folder / card.onnx.file)  # the fp32 model is untouched
+    assert card.explanation is not None
+    int8_outputs = [output.name for output in onnx.load(str(folder / info.file)).graph.output]
+    assert int8_outputs == [output.name for output in card.onnx.outputs]  # the explanation output survives
 
 
 def test_card_refuses_served_int8_more_than_one_point_below_fp32() -> None:

@@ -420,6 +420,7 @@ def test_bentoml_build_makes_a_bento_without_torch(tmp_path: Path) -> None:
     assert "torch" not in requirements
     source = bento.parent / "src"
     assert (source / "serving" / "service.py").is_file() and (source / "contract" / "preprocessing.py").is_file()
+    assert (source / "serving" / "static" / "ui.html").is_file() and "pydicom" in requirements  # the page, DICOM
     assert not list(source.rglob("*.pt")) and not (source / "training").exists() and not (source / "tests").exists()
     # the container runs as BentoML's unprivileged user: the last USER line of the generated Dockerfile
     dockerfile = (bento.parent / "env" / "docker" / "Dockerfile").read_text()

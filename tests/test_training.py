@@ -16,6 +16,7 @@ import torch
 from contract.card import ModelCard, sha256_file
 from tests.synthetic import make_image_folder
 from tests.tiny_tasks import TINY, Trained, train
+from training import run
 from training.tasks import TASKS
 
 
@@ -35,6 +36,8 @@ def assert_published(models: Path, name: str, kind: str) -> ModelCard:
 def test_image_task_trains_and_exports(task: str, trained: Trained) -> None:
     card = assert_published(trained.models, task, "classifier")
     assert card.input.channels == TASKS[task].input.channels
+    assert card.explanation is not None and card.explanation.parity_max_rel_diff <= 1e-4  # class activation maps
+    assert [o.name for o in card.onnx.outputs] == ["probabilities", card.explanation.output]
     metrics = card.metrics["test"]
     for key in ("accuracy", "precision", "recall", "f1", "specificity", "roc_auc", "pr_auc", "confusion_matrix"):
         assert key in metrics
@@ -60,6 +63,7 @@ def test_alzheimer_class_map_is_data(trained: Trained) -> None:
 
 def test_mnist_exports_classifier_and_autoencoder(trained: Trained) -> None:
     classifier = assert_published(trained.models, "mnist", "classifier")
+    assert "input pixels" in classifier.explanation.layer  # a dense network: gradient x input
     assert classifier.classes == [str(d) for d in range(10)]
     assert "frozen_encoder_accuracy" in classifier.metrics["test"]
     autoencoder = assert_published(trained.models, "mnist_autoencoder", "autoencoder")
@@ -67,6 +71,20 @@ def test_mnist_exports_classifier_and_autoencoder(trained: Trained) -> None:
     assert autoencoder.onnx.outputs[1].shape == [-1, 30]
     assert 0 <= autoencoder.metrics["test"]["reconstruction_mse"] < 1
     assert (trained.models / "mnist_autoencoder" / "1" / "report" / "reconstructions.png").exists()
+
+
+def test_mnist_run_reexports_from_its_checkpoints(trained: Trained, tmp_path: Path) -> None:
+    """`--checkpoint <run>/best-autoencoder.pt --epochs 0` adopts every stage's checkpoint: same models, no training."""
+    checkpoint = next((trained.runs / "mnist").glob("*/best-autoencoder.pt"))
+    command = ["mnist", "--data", str(trained.data["mnist"]), "--epochs", "0", "--checkpoint", str(checkpoint),
+               "--out", str(tmp_path / "models"), "--runs-dir", str(tmp_path / "runs"),
+               "--cache-dir", str(trained.cache)]  # fmt: skip
+    assert run.main(command) == 0
+    for name, metric in (("mnist", "accuracy"), ("mnist_autoencoder", "reconstruction_mse")):
+        before = ModelCard.load(trained.models / name / "1").metrics["test"][metric]
+        after = ModelCard.load(tmp_path / "models" / name / "1").metrics["test"][metric]
+        assert after == pytest.approx(before, abs=1e-6), name
+    assert run.main([*command[:3], "--epochs", "1", *command[5:]]) != 0  # training on from it is not supported
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

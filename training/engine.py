@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from contract.card import InputSpec
 from contract.preprocessing import normalize
+from training import distributed
 from training.data import Split
 from training.tasks import Augment, Recipe
 
@@ -80,16 +82,21 @@ class Normalize:
 def make_loader(
     split: Split, spec: InputSpec, batch_size: int, augment: Augment | None, workers: int, shuffle: bool, seed: int
 ) -> DataLoader:
+    """Batches of `split`; under torchrun, of this rank's share of it (training.distributed.sampler)."""
     transform = build_augmentation(augment, spec.height == spec.width) if augment else None
+    dataset = PixelDataset(split, transform)
+    sampler = distributed.sampler(dataset, shuffle, seed)
     return DataLoader(
-        PixelDataset(split, transform),
+        dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         num_workers=workers,
         persistent_workers=workers > 0,
         collate_fn=Normalize(spec),
         generator=torch.Generator().manual_seed(seed),
-        drop_last=shuffle and len(split) > batch_size,  # a last training batch of one breaks batch norm
+        # a last training batch of one breaks batch norm
+        drop_last=shuffle and len(split) // distributed.world_size() > batch_size,
     )
 
 
@@ -116,9 +123,15 @@ def classification(weights: torch.Tensor | None) -> Objective:
     )
 
 
-def reconstruction() -> Objective:
-    criterion = nn.MSELoss()
-    return Objective(loss=lambda out, x, y: criterion(out[0], x))
+def reconstruction(kind: str = "mse") -> Objective:
+    """Reconstruction loss on pixels in [0, 1]; "bce" treats each pixel as a probability (sigmoid decoders)."""
+    criterion = nn.BCELoss() if kind == "bce" else nn.MSELoss()
+
+    def loss(out: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):  # BCE is not autocast-safe
+            return criterion(out[0].float(), x.float())
+
+    return Objective(loss=loss)
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -144,7 +157,7 @@ def _run_epoch(model, loader, objective, device, optimizer=None, scaler=None, am
     training = optimizer is not None
     model.train(training)
     total_loss = total_acc = count = 0.0
-    bar = tqdm(loader, desc=desc, leave=False, unit="batch")
+    bar = tqdm(loader, desc=desc, leave=False, unit="batch", disable=not distributed.is_main())
     with torch.set_grad_enabled(training):
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -164,6 +177,7 @@ def _run_epoch(model, loader, objective, device, optimizer=None, scaler=None, am
                 total_acc += objective.accuracy(out, y).item() * n
             count += n
             bar.set_postfix(loss=f"{total_loss / count:.4f}")
+    total_loss, total_acc, count = distributed.all_reduce_sums([total_loss, total_acc, count], device)
     return total_loss / count, (total_acc / count if objective.accuracy else float("nan")), int(count)
 
 
@@ -181,32 +195,44 @@ def fit(
     tensorboard: bool = False,
     tag: str = "",
 ) -> FitResult:
-    """Train with checkpoint-best on validation loss, reduce-LR-on-plateau and early stopping; log every epoch."""
+    """Train with checkpoint-best on validation loss, reduce-LR-on-plateau and early stopping; log every epoch.
+
+    Under torchrun the model trains inside DistributedDataParallel; every rank takes the same decisions from the
+    summed epoch totals, only rank 0 writes history and checkpoints, and every rank ends with rank 0's best weights.
+    """
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    net = distributed.wrap(model, device)
+    main = distributed.is_main()
     amp = amp and device.type == "cuda"
     optimizer = make_optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=recipe.plateau_factor, patience=recipe.plateau_patience, min_lr=recipe.min_lr
+        optimizer,
+        mode="min",
+        factor=recipe.plateau_factor,
+        patience=recipe.plateau_patience,
+        threshold=recipe.plateau_threshold,
+        min_lr=recipe.min_lr,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     writer = None
-    if tensorboard:
+    if tensorboard and main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(run_dir / "tensorboard" / tag)
     checkpoint = run_dir / f"best{'-' + tag if tag else ''}.pt"
     history_file = run_dir / f"history{'-' + tag if tag else ''}.csv"
     best_loss, best_epoch, stale, images, started = float("inf"), 0, 0, 0, time.perf_counter()
-    with open(history_file, "w", newline="") as handle:
+    with open(history_file if main else os.devnull, "w", newline="") as handle:
         history = csv.writer(handle)
         history.writerow(["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"])
         for epoch in range(1, recipe.epochs + 1):
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
+            distributed.set_epoch(train, epoch)
             tr_loss, tr_acc, n = _run_epoch(
-                model,
+                net,
                 train,
                 objective,
                 device,
@@ -245,22 +271,26 @@ def fit(
             improved = va_loss < best_loss - 1e-6
             if improved:
                 best_loss, best_epoch, stale = va_loss, epoch, 0
-                torch.save({"state_dict": model.state_dict(), "epoch": epoch, "val_loss": va_loss}, checkpoint)
+                if main:
+                    torch.save({"state_dict": model.state_dict(), "epoch": epoch, "val_loss": va_loss}, checkpoint)
             else:
                 stale += 1
-            tqdm.write(
-                f"{tag or 'epoch'} {epoch:3d}  lr {lr:.2e}  train loss {tr_loss:.4f} acc {tr_acc:.4f}  "
-                f"val loss {va_loss:.4f} acc {va_acc:.4f}  {seconds:.0f}s{'  *best' if improved else ''}"
-            )
+            if main:
+                tqdm.write(
+                    f"{tag or 'epoch'} {epoch:3d}  lr {lr:.2e}  train loss {tr_loss:.4f} acc {tr_acc:.4f}  "
+                    f"val loss {va_loss:.4f} acc {va_acc:.4f}  {seconds:.0f}s{'  *best' if improved else ''}"
+                )
             scheduler.step(va_loss)
             if stale >= recipe.early_stopping_patience:
-                tqdm.write(f"early stopping: no val-loss improvement for {stale} epochs")
+                if main:
+                    tqdm.write(f"early stopping: no val-loss improvement for {stale} epochs")
                 break
     if writer is not None:
         writer.close()
     elapsed = time.perf_counter() - started
-    state = torch.load(checkpoint, map_location=device, weights_only=True)
-    model.load_state_dict(state["state_dict"])
+    if main:
+        model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True)["state_dict"])
+    distributed.broadcast_state(model)
     return FitResult(best_epoch, best_loss, epoch, elapsed, images / elapsed, checkpoint)
 
 
@@ -268,16 +298,18 @@ def adopt_checkpoint(model: nn.Module, checkpoint: Path, run_dir: Path, device: 
     """Take an earlier run's best checkpoint (and its history) as this run's result, without training.
 
     ``training.run --checkpoint PATH --epochs 0`` uses this to evaluate and export a run that was stopped early.
+    The checkpoint keeps its file name (``best.pt``, ``best-<stage>.pt``) and brings its ``history[-<stage>].csv``.
     """
     state = torch.load(checkpoint, map_location=device, weights_only=True)
     model.load_state_dict(state["state_dict"])
     model.to(device)
-    target = run_dir / "best.pt"
+    target = run_dir / checkpoint.name
     shutil.copyfile(checkpoint, target)
     seconds = 0.0
-    source_history = checkpoint.with_name("history.csv")
+    history_name = checkpoint.stem.replace("best", "history", 1) + ".csv"
+    source_history = checkpoint.with_name(history_name)
     if source_history.exists():
-        shutil.copyfile(source_history, run_dir / "history.csv")
+        shutil.copyfile(source_history, run_dir / history_name)
         with open(source_history) as handle:
             rows = list(csv.DictReader(handle))
         seconds = sum(float(r["seconds"]) for r in rows)

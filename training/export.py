@@ -14,7 +14,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from contract.card import CARD_FILE, ONNX_FILE, ModelCard, OnnxInfo, TensorSpec, sha256_file
+from contract.card import CARD_FILE, ONNX_FILE, ExplanationInfo, ModelCard, OnnxInfo, TensorSpec, sha256_file
 from contract.preprocessing import normalize
 
 OPSET = 18
@@ -57,20 +57,28 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, output_nam
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def verify_parity(module: nn.Module, path: Path, pixels: np.ndarray, spec) -> float:
-    """onnxruntime must agree with PyTorch on real images: same argmax everywhere, outputs within PARITY_ATOL."""
+def verify_parity(module: nn.Module, path: Path, pixels: np.ndarray, spec) -> list[float]:
+    """onnxruntime must agree with PyTorch on real images: same argmax everywhere, every output within PARITY_ATOL
+    of its scale (absolute for probabilities and reconstructions, relative to the largest value for larger maps).
+
+    Returns the difference per output, in the graph's output order.
+    """
     inputs = normalize(pixels, spec)
     with torch.no_grad():
         expected = module.eval().cpu()(torch.from_numpy(inputs))
     expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     actual = session.run(None, {"input": inputs})
-    worst = max(float(np.abs(a - e).max()) for a, e in zip(actual, expected, strict=True))
-    if worst > PARITY_ATOL:
-        raise ExportError(f"ONNX output differs from PyTorch by {worst:.2e} (> {PARITY_ATOL:g}) on validation images")
+    diffs = [
+        float(np.abs(a - e).max()) / max(1.0, float(np.abs(e).max())) for a, e in zip(actual, expected, strict=True)
+    ]
+    if max(diffs) > PARITY_ATOL:
+        raise ExportError(
+            f"ONNX output differs from PyTorch by {max(diffs):.2e} (> {PARITY_ATOL:g}) on validation images"
+        )
     if expected[0].ndim == 2 and not np.array_equal(actual[0].argmax(1), expected[0].argmax(1)):
         raise ExportError("ONNX and PyTorch predict different classes for some validation images")
-    return worst
+    return diffs
 
 
 def onnx_tensors(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -115,6 +123,7 @@ def publish(
     report_files: list[Path],
     parity: float,
     version: str | None = None,
+    explanation: ExplanationInfo | None = None,
 ) -> Path:
     """Copy the verified ONNX file into models/<name>/<version>/ and write its card and run report beside it."""
     name = card_fields["name"]
@@ -135,6 +144,7 @@ def publish(
             parity_max_abs_diff=parity,
         ),
         versions=library_versions(),
+        explanation=explanation,
         **card_fields,
     )
     card.save(target)

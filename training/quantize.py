@@ -58,6 +58,25 @@ class _Calibration(CalibrationDataReader):
         return next(self.batches, None)
 
 
+def _explanation_only_nodes(graph: onnx.GraphProto, output: str) -> list[str]:
+    """Nodes that only compute the explanation output: left in float. They reuse the classifier's weights in
+    transposed products, which onnxruntime's per-channel weight quantization cannot pair with the biases."""
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def ancestors(tensor: str) -> set[str]:
+        seen: set[str] = set()
+        stack = [tensor]
+        while stack:
+            node = producers.get(stack.pop())
+            if node is not None and node.name not in seen:
+                seen.add(node.name)
+                stack.extend(node.input)
+        return seen
+
+    others = set().union(*(ancestors(o.name) for o in graph.output if o.name != output))
+    return sorted(ancestors(output) - others)
+
+
 def session(path: Path, threads: int = 0) -> ort.InferenceSession:
     """A CPU session with the serving settings: no spinning, full graph optimisation."""
     options = ort.SessionOptions()
@@ -140,6 +159,7 @@ def quantize(
 
     graph = onnx.load(str(fp32_path))
     softmax = [node.name for node in graph.graph.node if node.op_type == "Softmax"]
+    explanation = _explanation_only_nodes(graph.graph, card.explanation.output) if card.explanation else []
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
@@ -153,7 +173,7 @@ def quantize(
             weight_type=QuantType.QInt8,
             per_channel=per_channel,
             calibrate_method=METHODS[method],
-            nodes_to_exclude=softmax,
+            nodes_to_exclude=softmax + explanation,
         )
         onnx.checker.check_model(str(staged))
         staged.replace(int8_path)

@@ -18,13 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
-from training import architectures, tasks
+from contract.preprocessing import normalize
+from training import architectures, distributed, tasks
 from training.architectures import count_parameters, create_model
 from training.architectures.autoencoder import CodeClassifier
 from training.data import DataError, Dataset, load_dataset
 from training.engine import (
+    FitResult,
+    Objective,
     adopt_checkpoint,
     balanced_class_weights,
     classification,
@@ -41,8 +45,9 @@ from training.evaluate import (
     plot_history,
     plot_reconstructions,
 )
-from training.export import ExportError, WithSoftmax, export_onnx, publish, verify_parity
-from training.tasks import Augment, TaskSpec
+from training.explain import Explained, classifier_graph, explanation_info
+from training.export import ExportError, export_onnx, publish, verify_parity
+from training.tasks import Augment, Recipe, TaskSpec
 
 log = logging.getLogger("training")
 REPORT_FILES = (
@@ -111,6 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
     parser.add_argument("--batch-size", type=int, help="batch size")
     parser.add_argument("--lr", type=float, help="initial learning rate")
+    parser.add_argument(
+        "--reconstruction-loss",
+        choices=["mse", "bce"],
+        help="autoencoder tasks: training loss (the test split is scored by MSE either way)",
+    )
     parser.add_argument("--image-size", type=int, help="square input size in pixels (default: the task's)")
     parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
     parser.add_argument(
@@ -147,7 +157,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpoint",
         type=Path,
-        help="start from this best.pt (weights only); with --epochs 0, evaluate and export it without training",
+        help="start from this best.pt (weights only); with --epochs 0, evaluate and export it without training "
+        "(autoencoder tasks: a run's best-autoencoder.pt, with --epochs 0; its classifier checkpoints are read "
+        "from the same folder)",
     )
     parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard in the run folder")
     return parser.parse_args(argv)
@@ -174,7 +186,12 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
         spec.recipe,
         **{
             k: v
-            for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
+            for k, v in (
+                ("epochs", args.epochs),
+                ("batch_size", args.batch_size),
+                ("lr", args.lr),
+                ("reconstruction_loss", args.reconstruction_loss),
+            )
             if v is not None
         },
     )
@@ -304,7 +321,9 @@ def train_classifier(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir: 
 
 
 def finish_classifier(spec, config, data, run_dir, device, model, result, name, arch, extra_test_metrics=None) -> dict:
-    """Threshold on validation, metrics and plots on test, export and publish."""
+    """Threshold on validation, metrics and plots on test, export and publish (rank 0 only under torchrun)."""
+    if not distributed.is_main():
+        return {}
     classes = data.classes
     val_probs = predict(model, data.splits["val"].pixels, spec.input, device)
     started = time.perf_counter()
@@ -345,45 +364,52 @@ def finish_classifier(spec, config, data, run_dir, device, model, result, name, 
     fields = _card_fields(spec, config, data, model, metrics, "classifier", name, classes, threshold, rule, arch)
     _write_report(run_dir, fields, metrics)
     if config.export:
-        _export_and_publish(WithSoftmax(model), ["probabilities"], spec, config, data, run_dir, fields)
+        inputs = torch.from_numpy(normalize(data.splits["val"].pixels[:128], spec.input))
+        module, outputs = classifier_graph(model.cpu(), len(classes), inputs)
+        _export_and_publish(module, outputs, spec, config, data, run_dir, fields)
     return metrics
 
 
 def train_autoencoder(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir: Path, device: torch.device) -> dict:
-    """Two stages: the autoencoder (MSE), then a classifier on its frozen code. Exports both models."""
+    """Two stages: the autoencoder (MSE), then a classifier on its frozen code. Exports both models.
+
+    With ``--checkpoint <run>/best-autoencoder.pt --epochs 0`` every stage adopts that run's checkpoint of the same
+    name instead of training, so a finished run can be evaluated and exported again.
+    """
     k = len(data.classes)
     autoencoder = create_model(
         config.arch, in_chans=spec.input.channels, num_classes=k, image_size=spec.input.height, **config.arch_options
     )
     train, val = _loaders(spec, config, data)
-    stage1 = fit(
-        autoencoder,
-        train,
-        val,
-        reconstruction(),
-        spec.recipe,
-        device,
-        run_dir,
-        amp=config.amp,
-        tensorboard=config.tensorboard,
-        tag="autoencoder",
-    )
-    plot_history(run_dir / "history-autoencoder.csv", run_dir / "curves-autoencoder.png", f"{config.name} autoencoder")
+    if config.checkpoint and config.epochs:
+        raise ValueError("autoencoder tasks take --checkpoint only with --epochs 0 (evaluate and export a run)")
+    source = Path(config.checkpoint).parent if config.checkpoint else None
+
+    def stage(model: nn.Module, objective: Objective, recipe: Recipe, tag: str | None = None) -> FitResult:
+        if source is not None:
+            return adopt_checkpoint(model, source / f"best{'-' + tag if tag else ''}.pt", run_dir, device)
+        return fit(
+            model,
+            train,
+            val,
+            objective,
+            recipe,
+            device,
+            run_dir,
+            amp=config.amp,
+            tensorboard=config.tensorboard,
+            tag=tag,
+        )
+
+    stage1 = stage(autoencoder, reconstruction(spec.recipe.reconstruction_loss), spec.recipe, "autoencoder")
+    if distributed.is_main():
+        name = f"{config.name} autoencoder"
+        plot_history(run_dir / "history-autoencoder.csv", run_dir / "curves-autoencoder.png", name)
 
     classifier = CodeClassifier(copy.deepcopy(autoencoder.encoder), autoencoder.decoder[0].in_features, k)
     for param in classifier.encoder.parameters():
         param.requires_grad_(False)
-    stage2 = fit(
-        classifier,
-        train,
-        val,
-        classification(None),
-        spec.recipe,
-        device,
-        run_dir,
-        amp=config.amp,
-        tensorboard=config.tensorboard,
-    )
+    stage2 = stage(classifier, classification(None), spec.recipe)
     arch, extra = f"{config.arch}+code_classifier", {}
     if spec.recipe.finetune_epochs:
         frozen_probs = predict(classifier, data.splits["test"].pixels, spec.input, device)
@@ -394,25 +420,14 @@ def train_autoencoder(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir:
         for param in classifier.encoder.parameters():
             param.requires_grad_(True)
         finetune = replace(spec.recipe, epochs=spec.recipe.finetune_epochs, lr=spec.recipe.lr / 3)
-        stage2 = fit(
-            classifier,
-            train,
-            val,
-            classification(None),
-            finetune,
-            device,
-            run_dir,
-            amp=config.amp,
-            tensorboard=config.tensorboard,
-            tag="finetune",
-        )
+        stage2 = stage(classifier, classification(None), finetune, "finetune")
         arch += " (encoder fine-tuned)"
     metrics = finish_classifier(spec, config, data, run_dir, device, classifier, stage2, config.name, arch, extra)
+    if not distributed.is_main():
+        return {}
 
     test = data.splits["test"].pixels
     recon = predict(autoencoder, test, spec.input, device)
-    from contract.preprocessing import normalize
-
     mse = float(np.mean((recon - normalize(test, spec.input)) ** 2))
     plot_reconstructions(normalize(test[:16], spec.input), recon[:16], run_dir / "reconstructions.png")
     ae_metrics = {
@@ -478,7 +493,11 @@ def _export_and_publish(
     onnx_path = run_dir / f"{fields['name']}.onnx"
     c, h, w = spec.input.channels, spec.input.height, spec.input.width
     export_onnx(module, torch.zeros(2, c, h, w), onnx_path, outputs)
-    parity = verify_parity(module, onnx_path, data.splits["val"].pixels[:128], spec.input)
+    diffs = verify_parity(module, onnx_path, data.splits["val"].pixels[:128], spec.input)
+    if isinstance(module, Explained):  # probabilities, then the class activation maps
+        parity, explanation = diffs[0], explanation_info(module, spec.input, diffs[1])
+    else:
+        parity, explanation = max(diffs), None
     report = [run_dir / f for f in REPORT_FILES]
     if fields["kind"] == "autoencoder":
         report = [
@@ -488,12 +507,14 @@ def _export_and_publish(
             run_dir / "reconstructions.png",
             run_dir / "config.json",
         ]
-    target = publish(onnx_path, fields, Path(config.models_dir), report, parity, config.version)
+    target = publish(onnx_path, fields, Path(config.models_dir), report, parity, config.version, explanation)
     log.info("published %s (ONNX parity max |diff| %.1e)", target, parity)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    """One training run; under `torchrun --nproc_per_node=N` one of N processes (training.distributed)."""
+    level = logging.INFO if distributed.is_main() else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("onnxscript").setLevel(logging.WARNING)
     args = parse_args(argv)
     try:
@@ -504,12 +525,17 @@ def main(argv: list[str] | None = None) -> int:
         np.random.seed(config.seed)
         if config.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda was asked for, but PyTorch sees no CUDA device")
-        device = torch.device(config.device)
-        run_dir = Path(config.runs_dir) / config.name / time.strftime("%Y%m%d-%H%M%S")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
-        log.info("run folder %s", run_dir)
-        data = load_dataset(spec, Path(config.data), config.seed, Path(config.cache_dir))
+        if distributed.launched() and config.epochs == 0:
+            raise ValueError("--epochs 0 evaluates and exports without training: run it without torchrun")
+        device = distributed.setup(config.device)
+        # one folder for all ranks, named by rank 0's clock; only rank 0 writes into it (and publishes)
+        run_dir = distributed.broadcast(Path(config.runs_dir) / config.name / time.strftime("%Y%m%d-%H%M%S"))
+        if distributed.is_main():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+            log.info("run folder %s (%d processes)", run_dir, distributed.world_size())
+        with distributed.main_first():  # rank 0 decodes and caches the images, the others read its cache
+            data = load_dataset(spec, Path(config.data), config.seed, Path(config.cache_dir))
         for note in data.notes:
             log.info("data: %s", note)
         trainer = train_autoencoder if spec.kind == "autoencoder" else train_classifier
@@ -521,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         torch.set_flush_denormal(False)  # it is process-wide CPU state: do not leak it into a caller (tests, compare)
+        distributed.teardown()
 
 
 if __name__ == "__main__":

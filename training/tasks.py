@@ -40,9 +40,11 @@ class Recipe:
     class_weights: bool = True  # "balanced" weights n / (k * n_c) in the loss
     plateau_factor: float = 0.2
     plateau_patience: int = 10
+    plateau_threshold: float = 1e-4  # relative: an epoch improves on the best val loss only below best × (1 - this)
     min_lr: float = 1e-5
     early_stopping_patience: int = 10
     finetune_epochs: int = 0  # autoencoder tasks: after the frozen-encoder classifier, fine-tune encoder + head
+    reconstruction_loss: Literal["mse", "bce"] = "mse"  # autoencoder tasks; the test metric is MSE either way
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,9 @@ register_task(
         input=InputSpec(channels=1, height=28, width=28, polarity="dark_background"),
         arch="mlp_autoencoder",
         kind="autoencoder",
-        # The report trains 10 epochs (MSE ≈ 0.019 here); up to 60 with plateau/early stopping get closer to 0.01.
+        # The report trains with MSE for 10 epochs (test MSE ≈ 0.019 here; 0.0149 after 60). Binary cross-entropy on
+        # the same sigmoid outputs gives the saturated pixels a useful gradient and reaches a lower *MSE* (0.0097 after
+        # 11 epochs in a side-by-side run): `--reconstruction-loss mse` reproduces the report.
         # Its frozen-encoder classifier reaches ≈ 0.92 (the report: 0.93); fine-tuning encoder + head lifts that.
         recipe=Recipe(
             epochs=60,
@@ -205,7 +209,11 @@ register_task(
             weight_decay=1e-5,
             class_weights=False,
             finetune_epochs=20,
+            reconstruction_loss="bce",
             plateau_patience=3,
+            # the loss keeps creeping down by ~0.3 %/epoch at lr 1e-3 and the plateau rule never fired in 60 epochs
+            # (test MSE 0.0104); counting gains under 0.5 % as a plateau decays the rate around epoch 25
+            plateau_threshold=0.005,
             early_stopping_patience=6,
         ),
         val_fraction=5000 / 70000,

@@ -42,6 +42,10 @@ class CodeClassifier(nn.Module):
         self.encoder = encoder
         self.head = nn.Sequential(nn.ReLU(), _mlp([code_size, 20, 15, num_classes], None))
 
+    def layers(self) -> list[nn.Module]:
+        """The modules forward applies, in order (training.explain unrolls them)."""
+        return [self.encoder, self.head]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))
 

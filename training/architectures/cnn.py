@@ -60,15 +60,24 @@ def initialise(model: nn.Module, scheme: str) -> nn.Module:
 
 @register_model
 def compact_cnn(
-    in_chans: int, num_classes: int, image_size: int, pretrained: bool, width: float = 24, dropout: float = 0.3
+    in_chans: int,
+    num_classes: int,
+    image_size: int,
+    pretrained: bool,
+    width: float = 24,
+    dropout: float = 0.3,
+    depth: int = 4,
 ) -> nn.Module:
-    """Four VGG-style stages (width, 2w, 4w, 8w) with batch norm, then global average pooling.
+    """``depth`` VGG-style stages (width, 2w, 4w, 8w, ...) with batch norm, then global average pooling.
 
-    Small enough to train from scratch on two CPU cores; global pooling keeps it input-size agnostic.
+    Small enough to train from scratch on two CPU cores; global pooling keeps it input-size agnostic. Fewer stages
+    keep a finer last feature map (image_size / 2**depth), hence finer class activation maps.
     """
     _no_pretrained("compact_cnn", pretrained)
+    if not 1 <= depth <= 6:
+        raise ValueError("compact_cnn depth must be between 1 and 6")
     width = int(width)
-    widths = [width, width * 2, width * 4, width * 8]
+    widths = [width * 2**stage for stage in range(depth)]
     layers: list[nn.Module] = [conv_bn_relu(in_chans, widths[0], stride=2 if image_size >= 160 else 1)]
     c_in = widths[0]
     for c_out in widths:

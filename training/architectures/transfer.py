@@ -79,6 +79,10 @@ class Backbone(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = head
 
+    def layers(self) -> list[nn.Module]:
+        """The modules forward applies, in order (training.explain unrolls them)."""
+        return [self.features, self.pool, self.head]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pool(self.features(x)))
 
