@@ -62,7 +62,7 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-def _service() -> ImageAI:
+def current_service() -> ImageAI:
     return bentoml.get_current_service()
 
 
@@ -81,7 +81,7 @@ def _endpoint(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Re
     return wrapped
 
 
-def _runner(entry: ModelEntry | None, name: str, what: str) -> ModelRunner:
+def available_runner(entry: ModelEntry | None, name: str, what: str) -> ModelRunner:
     if entry is None:
         raise ApiError(404, "unknown_model", f"there is no {what} named {name[:64]!r}; GET /models lists them")
     if entry.runner is None:
@@ -91,18 +91,18 @@ def _runner(entry: ModelEntry | None, name: str, what: str) -> ModelRunner:
 
 def _classifier(request: Request) -> ModelRunner:
     name = request.path_params["model"]
-    entry = _service().repository.get(name)
+    entry = current_service().repository.get(name)
     if entry is not None and entry.kind == "autoencoder":
         entry = None
-    return _runner(entry, name, "classifier")
+    return available_runner(entry, name, "classifier")
 
 
 def _autoencoder(request: Request) -> ModelRunner:
     name = request.path_params["name"]
-    return _runner(_service().repository.autoencoder(name), name, "autoencoder")
+    return available_runner(current_service().repository.autoencoder(name), name, "autoencoder")
 
 
-async def _bounded_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
+async def bounded_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -113,13 +113,13 @@ async def _bounded_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
 
 async def _read_upload(request: Request) -> tuple[bytes, str]:
     """The bytes and declared media type of the multipart file field `image`, refusing oversized bodies unread."""
-    limit = _service().settings.max_upload_bytes
+    limit = current_service().settings.max_upload_bytes
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", f"send multipart/form-data with a file field {UPLOAD_FIELD!r}")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "payload_too_large", f"the request body is over the limit of {limit} bytes")
-    parser = MultiPartParser(request.headers, _bounded_stream(request, limit), max_files=4, max_fields=16)
+    parser = MultiPartParser(request.headers, bounded_stream(request, limit), max_files=4, max_fields=16)
     try:
         form = await parser.parse()
     except MultiPartException as error:
@@ -143,7 +143,7 @@ async def _decoded(request: Request, spec: InputSpec, convert: Callable[..., np.
     data, media_type = await _read_upload(request)
     dicom = media_type == DICOM_MEDIA_TYPE
     try:
-        return await anyio.to_thread.run_sync(convert, data, spec, _service().settings.max_pixels, dicom)
+        return await anyio.to_thread.run_sync(convert, data, spec, current_service().settings.max_pixels, dicom)
     except TooManyPixels as error:
         raise ApiError(413, error.code, str(error)) from None
     except ImageError as error:
@@ -157,17 +157,17 @@ async def _tensor(request: Request, spec: InputSpec) -> np.ndarray:
     return await _decoded(request, spec, preprocess)
 
 
-async def _infer(runner: ModelRunner, tensor: np.ndarray) -> dict[str, np.ndarray]:
+async def infer_one(runner: ModelRunner, tensor: np.ndarray) -> dict[str, np.ndarray]:
     """One image through the batcher: in-process (IMAGEAI_BATCHING=direct) or BentoML's dispatcher (bentoml)."""
     message = "the server is too busy to answer in time; retry shortly"
-    batcher = _service().batcher
+    batcher = current_service().batcher
     if batcher is not None:
         try:
             return await batcher.infer(runner, tensor)
         except Overloaded:
             raise ApiError(503, "overloaded", message, {"Retry-After": "1"}) from None
     try:
-        [result] = await _service().to_async.infer([InferItem.of(runner.card.name, tensor)])
+        [result] = await current_service().to_async.infer([InferItem.of(runner.card.name, tensor)])
     except BentoMLException as error:
         if error.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
             raise ApiError(503, "overloaded", message, {"Retry-After": "1"}) from None
@@ -206,19 +206,19 @@ def to_png(reconstruction: np.ndarray, spec: InputSpec) -> bytes:
 
 @_endpoint
 async def list_models(request: Request) -> Response:
-    return JSONResponse({"models": [entry.describe() for entry in _service().repository]})
+    return JSONResponse({"models": [entry.describe() for entry in current_service().repository]})
 
 
 @_endpoint
 async def public_openapi(request: Request) -> Response:
-    return JSONResponse(openapi_document(_service().repository))
+    return JSONResponse(openapi_document(current_service().repository))
 
 
 @_endpoint
 async def predict(request: Request) -> Response:
     runner = _classifier(request)
     card = runner.card
-    probabilities = (await _infer(runner, await _tensor(request, card.input)))[CLASSIFIER_OUTPUT]
+    probabilities = (await infer_one(runner, await _tensor(request, card.input)))[CLASSIFIER_OUTPUT]
     label, confidence = decide(card, probabilities)
     body: dict[str, Any] = {
         "model": card.name,
@@ -235,7 +235,7 @@ async def predict(request: Request) -> Response:
 async def proba(request: Request) -> Response:
     runner = _classifier(request)
     card = runner.card
-    probabilities = (await _infer(runner, await _tensor(request, card.input)))[CLASSIFIER_OUTPUT]
+    probabilities = (await infer_one(runner, await _tensor(request, card.input)))[CLASSIFIER_OUTPUT]
     return JSONResponse({"model": card.name, "version": card.version, "probabilities": by_class(card, probabilities)})
 
 
@@ -243,7 +243,7 @@ async def proba(request: Request) -> Response:
 async def reconstruct(request: Request) -> Response:
     runner = _autoencoder(request)
     card = runner.card
-    reconstruction = (await _infer(runner, await _tensor(request, card.input)))[AUTOENCODER_OUTPUTS[0]]
+    reconstruction = (await infer_one(runner, await _tensor(request, card.input)))[AUTOENCODER_OUTPUTS[0]]
     headers = {"X-Model": card.name, "X-Model-Version": card.version}
     return Response(to_png(reconstruction, card.input), media_type="image/png", headers=headers)
 
@@ -252,7 +252,7 @@ async def reconstruct(request: Request) -> Response:
 async def encode(request: Request) -> Response:
     runner = _autoencoder(request)
     card = runner.card
-    code = (await _infer(runner, await _tensor(request, card.input)))[AUTOENCODER_OUTPUTS[1]]
+    code = (await infer_one(runner, await _tensor(request, card.input)))[AUTOENCODER_OUTPUTS[1]]
     return JSONResponse({"model": card.name, "version": card.version, "code": code.tolist()})
 
 
@@ -270,8 +270,8 @@ def _wants_png(request: Request) -> bool:
 async def _explained(explainer: ModelRunner, tensor: np.ndarray) -> dict[str, np.ndarray]:
     """Probabilities and maps of one image: through the batcher, or alone with IMAGEAI_BATCHING=bentoml, whose
     batch API names a model and always runs its prediction outputs only."""
-    if _service().batcher is not None:
-        return await _infer(explainer, tensor)
+    if current_service().batcher is not None:
+        return await infer_one(explainer, tensor)
     outputs = await anyio.to_thread.run_sync(explainer.run, tensor[None])
     return {name: value[0] for name, value in outputs.items()}
 

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from serving.repository import ModelRunner
-from serving.routes import ApiError, _bounded_stream, _infer, _runner, _service
+from serving.routes import ApiError, available_runner, bounded_stream, current_service, infer_one
 
 logger = logging.getLogger("bentoml.imageai")
 
@@ -96,7 +96,7 @@ async def _read_request(request: Request) -> tuple[_InferenceRequest, bytes]:
     """The JSON header and the binary part after it (empty without the binary extension)."""
     if request.headers.get("content-encoding", "identity") != "identity":
         raise V2Error(415, "compressed requests are not supported; send the body uncompressed")
-    body = b"".join([chunk async for chunk in _bounded_stream(request, _service().settings.max_upload_bytes)])
+    body = b"".join([chunk async for chunk in bounded_stream(request, current_service().settings.max_upload_bytes)])
     split = request.headers.get(HEADER_LENGTH)
     if split is None:
         split = str(len(body))
@@ -121,7 +121,7 @@ def _input_batch(inference: _InferenceRequest, binary: bytes, runner: ModelRunne
         raise V2Error(400, f"input {tensor.name!r} has datatype {DATATYPE}, got {tensor.datatype!r}")
     if len(tensor.shape) != len(expected) or tensor.shape[1:] != expected[1:] or tensor.shape[0] < 1:
         raise V2Error(400, f"input {tensor.name!r} has shape {expected}, got {tensor.shape}")
-    limit = _service().settings.max_batch_size
+    limit = current_service().settings.max_batch_size
     if tensor.shape[0] > limit:
         raise V2Error(400, f"a request holds at most {limit} images (IMAGEAI_MAX_BATCH_SIZE), got {tensor.shape[0]}")
     count = math.prod(tensor.shape)
@@ -150,11 +150,11 @@ def _input_batch(inference: _InferenceRequest, binary: bytes, runner: ModelRunne
 def _model(request: Request) -> ModelRunner:
     """The runner named in the path (404 unknown, 503 unavailable); a version, if given, must be the served one."""
     name = request.path_params["model"]
-    entry = _service().repository.get(name)
+    entry = current_service().repository.get(name)
     wanted = request.path_params.get("version")
     if entry is not None and wanted is not None and wanted != entry.version:
         raise V2Error(404, f"model {name!r} is served at version {entry.version}, not {wanted[:16]!r}")
-    return _runner(entry, name, "model")
+    return available_runner(entry, name, "model")
 
 
 def _tensor_metadata(runner: ModelRunner) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -195,7 +195,7 @@ async def server_live(request: Request) -> Response:
 @_endpoint
 async def server_ready(request: Request) -> Response:
     """The protocol answers readiness with 200 or a 4xx; same rule as /readyz (IMAGEAI_READINESS)."""
-    if not await _service().__is_ready__():
+    if not await current_service().__is_ready__():
         raise V2Error(400, "not ready: warming up, or a model is unavailable (GET /models says why)")
     return Response(status_code=200)
 
@@ -208,7 +208,7 @@ async def model_ready(request: Request) -> Response:
         if error.status == HTTPStatus.NOT_FOUND:
             raise
         raise V2Error(400, error.message) from None
-    if not _service().warmed_up:
+    if not current_service().warmed_up:
         raise V2Error(400, "not ready: warming up")
     return Response(status_code=200)
 
@@ -241,7 +241,7 @@ async def model_config(request: Request) -> Response:
         "name": runner.card.name,
         "platform": "onnxruntime_onnx",
         "backend": "onnxruntime",
-        "max_batch_size": _service().settings.max_batch_size,
+        "max_batch_size": current_service().settings.max_batch_size,
         "input": config(inputs),
         "output": config(outputs),
         "dynamic_batching": {},  # the batcher of serving.batching
@@ -260,7 +260,7 @@ async def infer(request: Request) -> Response:
     unknown = [output.name for output in requested if output.name not in shapes]
     if unknown:
         raise V2Error(400, f"unknown outputs {unknown}; the model has {list(shapes)}")
-    results = await asyncio.gather(*(_infer(runner, image) for image in batch))
+    results = await asyncio.gather(*(infer_one(runner, image) for image in batch))
 
     binary_default = bool(inference.parameters.get("binary_data_output", False))
     tensors, blobs = [], []
