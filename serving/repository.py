@@ -92,7 +92,7 @@ def _read_int8(folder: Path, card: ModelCard) -> bytes | None:
 
 
 def _create_session(
-    data: bytes, device: str, threads: int, optimization: str
+    data: bytes, file_name: str, device: str, threads: int, optimization: str
 ) -> tuple[ort.InferenceSession, str | None]:
     """The session, and why it runs on CPU although IMAGEAI_DEVICE=auto (None when it runs where asked)."""
     options = ort.SessionOptions()
@@ -112,7 +112,7 @@ def _create_session(
     except Exception as error:  # onnxruntime raises its own exception types for every kind of bad graph
         message = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         if not (want_cuda and device == "auto"):
-            raise ModelProblem(f"onnxruntime cannot load the model: {message}") from None
+            raise ModelProblem(f"onnxruntime cannot load {file_name}: {message}") from None
         # the CUDA provider can fail while creating the session (driver, out of memory): retry on CPU
         fallback = f"the CUDA provider failed to start the session: {message}"
         logger.warning("%s; retrying on CPU", fallback)
@@ -120,7 +120,7 @@ def _create_session(
             session = ort.InferenceSession(data, options, providers=[CPU])
         except Exception as cpu_error:
             message = str(cpu_error).splitlines()[0][:200] if str(cpu_error) else type(cpu_error).__name__
-            raise ModelProblem(f"onnxruntime cannot load the model: {message}") from None
+            raise ModelProblem(f"onnxruntime cannot load {file_name}: {message}") from None
     # onnxruntime-gpu lists CUDA even where its libraries are missing and silently falls back to CPU.
     active = session.get_providers()[0]
     if device == "cuda" and active != CUDA:
@@ -213,13 +213,15 @@ class ModelRunner:
         quantized = _read_int8(folder, card) if int8 else None
         if quantized is not None:
             try:
-                session, fallback_reason = _create_session(quantized, device, threads, optimization)
+                session, fallback_reason = _create_session(
+                    quantized, card.quantized.file, device, threads, optimization
+                )
                 runner = cls(card, session, _check_signature(card, session), fallback_reason)
                 runner.precision = "int8"
                 return runner
             except ModelProblem as problem:
                 logger.warning("model %s: the int8 file cannot serve (%s); serving fp32", card.name, problem)
-        session, fallback_reason = _create_session(fp32, device, threads, optimization)
+        session, fallback_reason = _create_session(fp32, card.onnx.file, device, threads, optimization)
         return cls(card, session, _check_signature(card, session), fallback_reason)
 
     @property

@@ -216,7 +216,7 @@ def broken_repository(model_repository: Path, root: Path) -> dict[str, str]:
     write_card(folder, name="wrong_shape", version="1", kind="classifier", spec=spec, classes=["normal", "pneumonia"])
     return {
         "missing_onnx": "model.onnx is missing",
-        "corrupt_onnx": "onnxruntime cannot load the model",
+        "corrupt_onnx": "onnxruntime cannot load model.onnx",
         "sha_mismatch": "sha256 of model.onnx",
         "invalid_card": "model.json is not a valid model card",
         "wrong_shape": "input contract is [N, 1, 32, 32]",
