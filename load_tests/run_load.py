@@ -15,52 +15,12 @@ figures come from load_tests/bench.py.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float, consecutive: int = 4) -> None:
-    """Until /readyz answers 200 `consecutive` times in a row (each worker answers for itself)."""
-    deadline, streak = time.monotonic() + timeout, 0
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the service exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
-                streak = streak + 1 if response.status == 200 else 0
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            streak = 0
-        if streak >= consecutive:
-            return
-        time.sleep(0.1 if streak else 0.3)
-    raise SystemExit(f"the service was not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+from local_service import BIN, REPO_ROOT, free_port, start_service, stop, wait_ready
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,20 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="imageai-load-") as tmp:
         log = Path(tmp) / "service.log"
-        env = {
-            **os.environ,
-            "BENTOML_HOME": str(Path(tmp) / "bentoml"),
-            "BENTOML_DO_NOT_TRACK": "true",
-            "IMAGEAI_MODELS_DIR": str(args.models_dir.resolve()),
-            "IMAGEAI_READINESS": "lenient",
-            "IMAGEAI_RATE_LIMIT_RPS": "0",
-            **dict(item.split("=", 1) for item in args.env),
-        }
-        command = [str(BIN / "bentoml"), "serve", "serving.service:ImageAI", "--host", "127.0.0.1", "--port", str(port)]
-        with open(log, "wb") as output:
-            service = subprocess.Popen(
-                command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        extra = {"BENTOML_HOME": str(Path(tmp) / "bentoml"), **dict(item.split("=", 1) for item in args.env)}
+        service = start_service(args.models_dir, port, log, extra)
         try:
             wait_ready(url, service, log, args.ready_timeout)
             print(f"service ready at {url} (models from {args.models_dir})", flush=True)

@@ -18,8 +18,6 @@ import argparse
 import json
 import math
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,45 +27,7 @@ from typing import Any
 
 import httpx
 import psutil
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(models_dir: Path, port: int, log: Path, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "BENTOML_DO_NOT_TRACK": "true",
-        "IMAGEAI_MODELS_DIR": str(models_dir),
-        "IMAGEAI_READINESS": "lenient",
-        "IMAGEAI_RATE_LIMIT_RPS": "0",
-        **extra_env,
-    }
-    command = [str(BIN / "bentoml"), "serve", "serving.service:ImageAI", "--host", "127.0.0.1", "--port", str(port)]
-    with open(log, "wb") as output:
-        return subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited with {process.returncode}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"the server was not ready after {timeout} s")
+from local_service import BIN, REPO_ROOT, free_port, start_service, stop, wait_ready
 
 
 def targets(url: str) -> list[dict[str, Any]]:
@@ -165,9 +125,10 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     extra = dict(item.split("=", 1) for item in args.env)
-    server = start_server(args.models_dir.resolve(), port, args.out / "server.log", extra)
+    log = args.out / "server.log"
+    server = start_service(args.models_dir, port, log, extra)
     try:
-        wait_ready(url, server)
+        wait_ready(url, server, log, timeout=300)
         routes = targets(url)
         env = {"SOAK_TARGETS": json.dumps(routes)}
         print(f"serving at {url}: {', '.join(t['path'] for t in routes)}", flush=True)
@@ -184,22 +145,17 @@ def main() -> int:
         time.sleep(5)  # let the queues drain before the soak
 
         samples: list[dict[str, Any]] = []
-        stop = threading.Event()
-        sampler = threading.Thread(target=sample_memory, args=(server.pid, args.sample_seconds, samples, stop))
+        sampling_done = threading.Event()
+        sampler = threading.Thread(target=sample_memory, args=(server.pid, args.sample_seconds, samples, sampling_done))
         sampler.start()
         user_rps = target / args.users
         soak = run_locust(
             url, args.users, args.minutes * 60, {**env, "SOAK_USER_RPS": str(user_rps)}, args.out / "soak.json"
         )
-        stop.set()
+        sampling_done.set()
         sampler.join()
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+        stop(server)
 
     from_t = min(120.0, args.minutes * 60 / 5)  # minute 2, or a fifth of a short run
     start = next((s for s in samples if s["t_s"] >= from_t), samples[-1])

@@ -1,0 +1,71 @@
+"""The service as a child process on a free local port, for the load runners (run_load.py, soak.py).
+
+Rate limiting is off (the load comes from one address) and readiness is lenient (a degraded model does not stop
+the others from being measured).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_service(models_dir: Path, port: int, log: Path, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`bentoml serve serving.service:ImageAI` in its own process group, its output in `log`."""
+    env = {
+        **os.environ,
+        "BENTOML_DO_NOT_TRACK": "true",
+        "IMAGEAI_MODELS_DIR": str(models_dir.resolve()),
+        "IMAGEAI_READINESS": "lenient",
+        "IMAGEAI_RATE_LIMIT_RPS": "0",
+        **extra_env,
+    }
+    command = [str(BIN / "bentoml"), "serve", "serving.service:ImageAI", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") as output:
+        return subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float, consecutive: int = 4) -> None:
+    """Until /readyz answers 200 `consecutive` times in a row (each worker answers for itself)."""
+    deadline, streak = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the service exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
+                streak = streak + 1 if response.status == 200 else 0
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            streak = 0
+        if streak >= consecutive:
+            return
+        time.sleep(0.1 if streak else 0.3)
+    raise SystemExit(f"the service was not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM to the whole process group (BentoML's workers too), SIGKILL if it does not end in time."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
