@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import io
 import json
 import multiprocessing as mp
 import os
@@ -59,11 +58,12 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from sample_images import folder_images, generated_images  # noqa: E402
+
 from contract.card import ModelCard  # noqa: E402
 from contract.preprocessing import preprocess  # noqa: E402
 from serving.config import Settings, available_cores  # noqa: E402
 
-IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 BOUNDARY = "----imageai-bench-7d3f0c1b"
 LUA_SCRIPT = Path(__file__).with_name("wrk_multipart.lua")
 GOALS = {"service_over_limit": 0.8, "service_over_naive": 1.5, "p99_half_over_single": 2.5}
@@ -74,25 +74,11 @@ GOALS = {"service_over_limit": 0.8, "service_over_naive": 1.5, "p99_half_over_si
 
 def load_images(folder: str | None, count: int) -> list[tuple[str, bytes, str]]:
     """(file name, bytes, content type) of up to `count` images of a folder, spread over it; else generated PNGs."""
-    if folder:
-        files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise SystemExit(f"no PNG or JPEG images in {folder}")
-        step = max(1, len(files) // count)
-        return [(p.name, p.read_bytes(), IMAGE_SUFFIXES[p.suffix.lower()]) for p in files[::step][:count]]
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    size = 256
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    images = []
-    for index in range(count):
-        cx, cy, width = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.4)
-        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * width**2))
-        pixels = np.clip(blob * 200 + rng.normal(0, 12, blob.shape) + 20, 0, 255).astype(np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG")
-        images.append((f"generated_{index}.png", buffer.getvalue(), "image/png"))
+    if not folder:
+        return generated_images(count)
+    images = folder_images(Path(folder), count)
+    if not images:
+        raise SystemExit(f"no PNG or JPEG images in {folder}")
     return images
 
 

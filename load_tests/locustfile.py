@@ -19,7 +19,6 @@ The process exits non-zero when a gate is exceeded, so CI can run it as is.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -27,15 +26,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from locust import HttpUser, between, events, task
 from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
-from PIL import Image
+from sample_images import folder_images, generated_images
 
 logger = logging.getLogger("loadtest")
 
-IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 PREDICTION_KEYS = {"model", "version", "label", "confidence"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -49,26 +46,6 @@ def _add_options(parser: LocustArgumentParser) -> None:
     parser.add_argument("--model", env_var="LOADTEST_MODEL", default="", help="models to call (default: all ready)")
     parser.add_argument("--max-fail-ratio", env_var="LOADTEST_MAX_FAIL_RATIO", type=float, default=0.01)
     parser.add_argument("--max-p95-ms", env_var="LOADTEST_MAX_P95_MS", type=float, default=1000.0)
-
-
-def generated_images(count: int = 8, size: int = 256) -> list[tuple[str, bytes, str]]:
-    """Grayscale PNGs of smooth blobs plus noise: compressible like real scans, different from each other."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    images = []
-    for index in range(count):
-        cx, cy, width = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.4)
-        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * width**2))
-        pixels = np.clip(blob * 200 + rng.normal(0, 12, blob.shape) + 20, 0, 255).astype(np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG")
-        images.append((f"generated_{index}.png", buffer.getvalue(), "image/png"))
-    return images
-
-
-def folder_images(folder: Path) -> list[tuple[str, bytes, str]]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    return [(p.name, p.read_bytes(), IMAGE_SUFFIXES[p.suffix.lower()]) for p in files]
 
 
 @events.init.add_listener
