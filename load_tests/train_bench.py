@@ -10,7 +10,8 @@
   resize, the same augmentation, ToTensor and Normalize per sample, ``DataLoader(num_workers=2)``.
 
 Both feed the task's default architecture (or ``--arch``) with the task's batch size, Adam and cross-entropy on the
-CPU (or ``--device cuda``). Each measurement runs in its own process so that its peak memory (``ru_maxrss`` of the
+CPU (or ``--device cuda``); ours in the channels-last memory format, as training.run does by default, the naive
+one in PyTorch's default layout. Each measurement runs in its own process so that its peak memory (``ru_maxrss`` of the
 process and of its largest loader worker) is its own: ``data`` iterates the loader only, ``train`` adds the
 training step. Images/s over the timed batches, after warm-up batches. A few minutes in all.
 """
@@ -79,13 +80,14 @@ def measure(pipeline: str, mode: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     loader, classes, spec, batch_size, load_seconds = _loader(pipeline, args)
     device = torch.device(args.device)
+    layout = torch.channels_last if pipeline == "ours" and args.channels_last else torch.contiguous_format
     model = optimizer = None
     if mode == "train":
         arch = args.arch or spec.arch
         options = dict(spec.arch_options) if arch == spec.arch else {}
         model = create_model(
             arch, in_chans=spec.input.channels, num_classes=classes, image_size=spec.input.height, **options
-        ).to(device)
+        ).to(device, memory_format=layout)
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=spec.recipe.lr)
         criterion = nn.CrossEntropyLoss()
@@ -101,7 +103,7 @@ def measure(pipeline: str, mode: str, args: argparse.Namespace) -> dict:
             batches = iter(loader)
             x, y = next(batches)
         if model is not None:
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device).contiguous(memory_format=layout), y.to(device)
             loss = criterion(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -118,6 +120,7 @@ def measure(pipeline: str, mode: str, args: argparse.Namespace) -> dict:
         "seconds": round(seconds, 2),
         "batch_size": batch_size,
         "arch": (args.arch or spec.arch) if mode == "train" else None,
+        "channels_last": layout == torch.channels_last,
         "load_seconds": round(load_seconds, 2),  # ours: reading the cached pixels (or decoding them once)
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
@@ -141,6 +144,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches first")
     parser.add_argument("--modes", default="data,train", help="data (loader only), train (loader + training step)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ours trains in channels-last, training.run's default (the naive pipeline never does)",
+    )
     parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".cache", help="training's decoded-image cache")
     parser.add_argument("--out", type=Path, help="write the results here (JSON)")
     parser.add_argument("--one", nargs=2, metavar=("PIPELINE", "MODE"), help=argparse.SUPPRESS)  # internal

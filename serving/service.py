@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from http import HTTPStatus
@@ -24,6 +25,7 @@ from serving import metrics_labels
 from serving.batching import Batcher, InferItem, InferOutput, run_batch
 from serving.config import Settings
 from serving.guard import AdmissionGuard
+from serving.keepalive import ConnectionRecycler
 from serving.repository import ModelRepository
 from serving.routes import ROUTES, http_error
 from serving.v2 import V2_ROUTES
@@ -46,7 +48,8 @@ routes_app = Starlette(
     exception_handlers={HTTPException: http_error},
     lifespan=_warm_up_in_background,
     middleware=[
-        Middleware(AdmissionGuard, max_in_flight=settings.max_in_flight, rate_limit_rps=settings.rate_limit_rps)
+        Middleware(ConnectionRecycler, max_requests=settings.keepalive_max_requests),
+        Middleware(AdmissionGuard, max_in_flight=settings.max_in_flight, rate_limit_rps=settings.rate_limit_rps),
     ],
 )
 
@@ -117,6 +120,11 @@ class ImageAI:
         except Exception:
             logger.exception("warm-up failed; /readyz stays unready")
             return
+        # Everything allocated so far (BentoML, onnxruntime, the models) lives as long as the process: move it out
+        # of the collector's reach, or each full collection walks it while a request waits. Measured: p99 at one
+        # connection 44 → 4.5 ms, at eight 115 → 24 ms (docs/performance.md).
+        gc.collect()
+        gc.freeze()
         self.warmed_up = True
         logger.info("warm-up done for %d model(s) at batch sizes %s", len(runners), sizes)
 

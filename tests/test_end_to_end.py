@@ -17,6 +17,7 @@ from tests.tiny_tasks import TINY, Trained
 from training.architectures import create_model
 from training.data import load_dataset
 from training.engine import predict
+from training.mirror import MirrorAveraged
 from training.tasks import get_task
 
 
@@ -39,6 +40,8 @@ def _training_probabilities(task: str, trained: Trained) -> tuple[list[str], np.
                          image_size=card.input.height, **card.training["arch_options"])  # fmt: skip
     state = torch.load(next((trained.runs / task).glob("*/best.pt")), weights_only=True)
     model.load_state_dict(state["state_dict"])
+    if card.training["mirror_average"]:  # emotion: the mean of the image's and its mirror image's probabilities
+        model = MirrorAveraged(model)
     return data.splits["test"].ids, predict(model, data.splits["test"].pixels, spec.input, torch.device("cpu")), card
 
 

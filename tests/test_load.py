@@ -1,8 +1,9 @@
 """The Locust load test runs headless (the one-command runner, which starts and stops the service itself, on
-every test model's scenarios), and its gates really gate."""
+every test model's scenarios), and its gates really gate; the training benchmark runs end to end."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, REPO_ROOT, Server
+
+from tests.synthetic import make_image_folder
 
 
 def _locust(server: Server, seconds: int, **env: str) -> subprocess.CompletedProcess[str]:
@@ -40,3 +43,22 @@ def test_locust_gate_fails_the_run_on_errors(server: Server) -> None:
     result = _locust(server, 2, LOADTEST_MODEL="tampered")  # every request answers 503
     assert result.returncode != 0
     assert "load test FAILED" in result.stderr and "fail ratio 1.000" in result.stderr
+
+
+@pytest.mark.slow
+def test_training_benchmark_runs_both_pipelines(tmp_path: Path) -> None:
+    """`load_tests/train_bench.py` on generated chest X-ray folders: both pipelines, both modes, one JSON."""
+    data = make_image_folder(tmp_path / "data", ["NORMAL", "PNEUMONIA"], per_class=24, size=40)
+    out = tmp_path / "train_bench.json"
+    command = [
+        sys.executable, "load_tests/train_bench.py", "--data", str(data), "--arch", "compact_cnn",
+        "--batch-size", "8", "--batches", "1", "--data-batches", "2", "--warmup", "1",
+        "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    runs = {(r["pipeline"], r["mode"]): r for r in report["results"]}
+    assert set(runs) == {(p, m) for p in ("ours", "naive") for m in ("data", "train")}
+    assert runs["ours", "train"]["channels_last"] and not runs["naive", "train"]["channels_last"]
+    assert all(r["images_per_s"] > 0 for r in runs.values()) and set(report["ratios"]) == {"data", "train"}

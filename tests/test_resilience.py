@@ -31,6 +31,7 @@ from contract.card import InputSpec, ModelCard, sha256_file
 from serving import repository as repository_module
 from serving.config import Settings
 from serving.guard import AdmissionGuard, RateLimiter
+from serving.keepalive import ConnectionRecycler
 from serving.metrics_labels import endpoint_label
 from serving.repository import CPU, CUDA, ModelProblem, ModelRunner
 
@@ -139,6 +140,48 @@ def test_admission_guard_rate_limits_each_client() -> None:
     limited = [r for r in responses if r.status_code == 429]
     assert len(limited) >= 2
     assert limited[0].json()["error"]["code"] == "rate_limited" and int(limited[0].headers["retry-after"]) >= 1
+
+
+def _port_echo(max_requests: int) -> Starlette:
+    async def port(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(str(request.client.port))
+
+    return Starlette(
+        routes=[Route("/port", port)], middleware=[Middleware(ConnectionRecycler, max_requests=max_requests)]
+    )
+
+
+def test_keepalive_connections_are_recycled_every_n_responses() -> None:
+    async def headers(max_requests: int) -> list[str | None]:
+        transport = httpx.ASGITransport(app=_port_echo(max_requests))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [(await client.get("/port")).headers.get("connection") for _ in range(6)]
+
+    assert asyncio.run(headers(3)) == [None, None, "close", None, None, "close"]
+    assert asyncio.run(headers(0)) == [None] * 6
+
+
+def test_a_real_server_closes_the_connection_and_the_client_reconnects() -> None:
+    import threading
+
+    import uvicorn
+    from conftest import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(_port_echo(2), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:  # one pooled keep-alive connection
+            ports = [client.get("/port").text for _ in range(6)]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert ports[0] == ports[1] and ports[2] == ports[3] and ports[4] == ports[5]
+    assert len(set(ports)) == 3  # a new connection after every second response
 
 
 def test_limits_are_on_by_default() -> None:

@@ -108,6 +108,55 @@ def test_offline_pretrained_weights_fail_with_a_clear_message(
     assert "could not load ImageNet weights" in caplog.text and "efficientnet_lite0" in caplog.text
 
 
+def test_mirror_averaged_export_is_flip_invariant(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    data = make_image_folder(tmp_path / "data", ["cats", "dogs"], per_class=12, size=40, mode="RGB")
+    assert train("cats_dogs", data, tmp_path, "--image-size", "32", "--mirror-average") == 0
+    card = assert_published(tmp_path / "models", "cats_dogs", "classifier")
+    assert card.training["mirror_average"] is True and "mirror" in card.explanation.layer
+    session = ort.InferenceSession(str(tmp_path / "models/cats_dogs/1/model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    probabilities, cam = session.run(None, {"input": x})
+    mirror_probabilities, mirror_cam = session.run(None, {"input": x[..., ::-1].copy()})
+    np.testing.assert_allclose(mirror_probabilities, probabilities, atol=1e-6)
+    np.testing.assert_allclose(mirror_cam, cam[..., ::-1], atol=1e-5 * float(np.abs(cam).max()) + 1e-7)
+
+
+def test_checkpoint_best_can_monitor_validation_accuracy(tmp_path: Path) -> None:
+    import csv
+
+    data = make_image_folder(tmp_path / "data", ["COVID", "NORMAL"], per_class=16, size=40)
+    assert train("covid", data, tmp_path, "--arch", "compact_cnn", "--image-size", "32", "--epochs", "4",
+                 "--recipe", "monitor=val_acc", "--no-export") == 0  # fmt: skip
+    run_dir = next((tmp_path / "runs" / "covid").iterdir())
+    with open(run_dir / "history.csv") as handle:
+        accuracies = [float(row["val_acc"]) for row in csv.DictReader(handle)]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["training"]["best_epoch"] == 1 + accuracies.index(max(accuracies))  # the first best accuracy
+
+
+def test_recipe_and_augment_overrides_are_typed_and_recorded() -> None:
+    args = run.parse_args(
+        ["emotion", "--data", "x", "--recipe", "optimizer=adamw", "--recipe", "plateau_patience=8"]
+        + ["--recipe", "weight_decay=5e-4", "--no-class-weights", "--label-smoothing", "0.1"]
+        + ["--augment", "hflip=false", "--augment", "zoom=0.2", "--lr", "0.01"]
+    )
+    spec, config = run.resolve(args)
+    recipe = spec.recipe
+    assert (recipe.optimizer, recipe.plateau_patience, recipe.weight_decay) == ("adamw", 8, 5e-4)
+    assert isinstance(recipe.plateau_patience, int) and recipe.lr == 0.01
+    assert (recipe.class_weights, recipe.label_smoothing) == (False, 0.1)
+    assert (spec.augment.hflip, spec.augment.zoom, spec.augment.rotation) == (False, 0.2, 20)
+    assert config.recipe["optimizer"] == "adamw" and config.augmentation["zoom"] == 0.2  # written into the card
+
+
+@pytest.mark.parametrize("setting", ["optimizer=lion", "no_such_key=1", "plateau_patience="])
+def test_bad_recipe_override_is_a_clear_error(setting: str, caplog: pytest.LogCaptureFixture) -> None:
+    assert run.main(["emotion", "--data", "x", "--recipe", setting]) == 2
+    assert "--recipe" in caplog.text
+
+
 def test_compare_writes_one_table(tmp_path: Path) -> None:
     from training import compare
 

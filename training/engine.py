@@ -115,8 +115,8 @@ class Objective:
     accuracy: Callable[[object, torch.Tensor], torch.Tensor] | None = None
 
 
-def classification(weights: torch.Tensor | None) -> Objective:
-    criterion = nn.CrossEntropyLoss(weight=weights)
+def classification(weights: torch.Tensor | None, label_smoothing: float = 0.0) -> Objective:
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
     return Objective(
         loss=lambda out, x, y: criterion(out, y),
         accuracy=lambda out, y: (out.argmax(1) == y).float().mean(),
@@ -195,7 +195,8 @@ def fit(
     tensorboard: bool = False,
     tag: str = "",
 ) -> FitResult:
-    """Train with checkpoint-best on validation loss, reduce-LR-on-plateau and early stopping; log every epoch.
+    """Train with checkpoint-best on validation loss (or accuracy, ``recipe.monitor``), reduce-LR-on-plateau and
+    early stopping; log every epoch.
 
     Under torchrun the model trains inside DistributedDataParallel; every rank takes the same decisions from the
     summed epoch totals, only rank 0 writes history and checkpoints, and every rank ends with rank 0's best weights.
@@ -223,7 +224,10 @@ def fit(
         writer = SummaryWriter(run_dir / "tensorboard" / tag)
     checkpoint = run_dir / f"best{'-' + tag if tag else ''}.pt"
     history_file = run_dir / f"history{'-' + tag if tag else ''}.csv"
+    if recipe.monitor == "val_acc" and objective.accuracy is None:
+        raise ValueError("--recipe monitor=val_acc needs a classifier; this objective has no accuracy")
     best_loss, best_epoch, stale, images, started = float("inf"), 0, 0, 0, time.perf_counter()
+    best_score = float("-inf")  # the monitored quantity, higher is better
     with open(history_file if main else os.devnull, "w", newline="") as handle:
         history = csv.writer(handle)
         history.writerow(["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"])
@@ -268,9 +272,10 @@ def fit(
                     ("lr", lr),
                 ):
                     writer.add_scalar(name, value, epoch)
-            improved = va_loss < best_loss - 1e-6
+            score = va_acc if recipe.monitor == "val_acc" else -va_loss
+            improved = score > best_score + 1e-6
             if improved:
-                best_loss, best_epoch, stale = va_loss, epoch, 0
+                best_score, best_loss, best_epoch, stale = score, va_loss, epoch, 0
                 if main:
                     torch.save({"state_dict": model.state_dict(), "epoch": epoch, "val_loss": va_loss}, checkpoint)
             else:
@@ -283,7 +288,7 @@ def fit(
             scheduler.step(va_loss)
             if stale >= recipe.early_stopping_patience:
                 if main:
-                    tqdm.write(f"early stopping: no val-loss improvement for {stale} epochs")
+                    tqdm.write(f"early stopping: no {recipe.monitor} improvement for {stale} epochs")
                 break
     if writer is not None:
         writer.close()

@@ -24,6 +24,7 @@ from torch import nn
 from contract.card import ExplanationInfo, InputSpec
 from training.architectures.cnn import GaussianDropout
 from training.export import WithSoftmax
+from training.mirror import MirrorAveraged
 
 log = logging.getLogger("training")
 
@@ -120,13 +121,34 @@ class Explained(nn.Module):
         return z.softmax(dim=1), cam
 
 
-def explainable(model: nn.Module, num_classes: int) -> Explained | None:
+class MirrorExplained(nn.Module):
+    """:class:`Explained` for a :class:`~training.mirror.MirrorAveraged` model: both views' probabilities and maps
+    averaged, the mirror view's map flipped back onto the image."""
+
+    def __init__(self, explained: Explained) -> None:
+        super().__init__()
+        self.explained = explained
+
+    @property
+    def features(self) -> nn.Sequential:
+        return self.explained.features
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probabilities, cam = self.explained(x)
+        mirror_probabilities, mirror_cam = self.explained(x.flip(-1))
+        return (probabilities + mirror_probabilities) / 2, (cam + mirror_cam.flip(-1)) / 2
+
+
+def explainable(model: nn.Module, num_classes: int) -> Explained | MirrorExplained | None:
     """`model` with a class-activation-map output, or None when its head is not piecewise linear after a spatial map."""
+    if isinstance(model, MirrorAveraged):
+        inner = explainable(model.model, num_classes)
+        return MirrorExplained(inner).eval() if inner is not None else None
     parts = _split(model)
     return Explained(*parts, num_classes).eval() if parts is not None else None
 
 
-def check_faithful(explained: Explained, model: nn.Module, inputs: torch.Tensor) -> None:
+def check_faithful(explained: Explained | MirrorExplained, model: nn.Module, inputs: torch.Tensor) -> None:
     """The wrapper re-runs the model layer by layer: it must give the model's own probabilities."""
     with torch.no_grad():
         expected = model.eval()(inputs).softmax(dim=1)
@@ -136,10 +158,12 @@ def check_faithful(explained: Explained, model: nn.Module, inputs: torch.Tensor)
         raise ValueError(f"the explained model does not reproduce the model's probabilities (|diff| {worst:.1e})")
 
 
-def explanation_info(explained: Explained, spec: InputSpec, parity: float) -> ExplanationInfo:
+def explanation_info(explained: Explained | MirrorExplained, spec: InputSpec, parity: float) -> ExplanationInfo:
     with torch.no_grad():
         cells = explained.features(torch.zeros(1, spec.channels, spec.height, spec.width)).shape[-2:]
     where = "the input pixels" if len(explained.features) == 0 else "the last spatial feature map"
+    if isinstance(explained, MirrorExplained):
+        where += " (mean of the image's map and its mirror image's map, flipped back)"
     return ExplanationInfo(
         output=EXPLANATION_OUTPUT,
         method="cam",

@@ -40,6 +40,8 @@ def row(card: ModelCard) -> str:
             quality = f"threshold {card.threshold:.3f}"
         if "frozen_encoder_accuracy" in test:
             quality = f"frozen-encoder acc {test['frozen_encoder_accuracy']:.3f}"
+        if card.training.get("mirror_average"):
+            quality = "mean of image and mirror image"
     reference = TASKS[card.task].reference if card.task in TASKS else ""
     arch = card.architecture + (" (ImageNet)" if card.training.get("pretrained") else "")
     return " | ".join(
