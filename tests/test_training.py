@@ -151,7 +151,7 @@ def test_recipe_and_augment_overrides_are_typed_and_recorded() -> None:
     assert config.recipe["optimizer"] == "adamw" and config.augmentation["zoom"] == 0.2  # written into the card
 
 
-@pytest.mark.parametrize("setting", ["optimizer=lion", "no_such_key=1", "plateau_patience="])
+@pytest.mark.parametrize("setting", ["optimizer=lion", "no_such_key=1", "plateau_patience=", "epochs=ten"])
 def test_bad_recipe_override_is_a_clear_error(setting: str, caplog: pytest.LogCaptureFixture) -> None:
     assert run.main(["emotion", "--data", "x", "--recipe", setting]) == 2
     assert "--recipe" in caplog.text

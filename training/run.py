@@ -211,7 +211,11 @@ def parse_settings(flag: str, target: type, settings: list[str]) -> dict:
         if kind is bool:
             overrides[key] = value.lower() in ("1", "true", "yes", "on")
         elif kind in (int, float):
-            overrides[key] = kind(value)
+            try:
+                overrides[key] = kind(value)
+            except ValueError:
+                number = "an integer" if kind is int else "a number"
+                raise ValueError(f"{flag} {key} takes {number}; got {value!r}") from None
         elif typing.get_origin(kind) is typing.Literal and value not in typing.get_args(kind):
             raise ValueError(f"{flag} {key} must be one of {list(typing.get_args(kind))}; got {value!r}")
         else:
