@@ -190,17 +190,26 @@ def test_limits_are_on_by_default() -> None:
     assert defaults.max_in_flight > 0 and defaults.rate_limit_rps > 0
 
 
-def test_metrics_labels_are_bounded() -> None:
-    def known(name: str, action: str) -> bool:
-        return name in ("chest_xray", "mnist")
-
-    assert endpoint_label("/chest_xray/predict", known) == "/chest_xray/predict"
-    assert endpoint_label("/mnist/reconstruct", known) == "/mnist/reconstruct"
-    assert endpoint_label("/whatever123/predict", known) == "/{unknown}/predict"
-    assert endpoint_label("/a/b/c/predict", known) == "/{unmatched}"
-    assert endpoint_label("/random-404", known) == "/{unmatched}"
-    assert endpoint_label("/readyz", known) == "/readyz"
-    assert endpoint_label("/static_content/x.js", known) == "/static_content/*"
+@pytest.mark.parametrize(
+    ("path", "label"),
+    [
+        ("/chest_xray/predict", "/chest_xray/predict"),
+        ("/mnist/reconstruct", "/mnist/reconstruct"),
+        ("/whatever123/predict", "/{unknown}/predict"),
+        ("/a/b/c/predict", "/{unmatched}"),
+        ("/random-404", "/{unmatched}"),
+        ("/readyz", "/readyz"),
+        ("/static_content/x.js", "/static_content/*"),
+        # the Open Inference Protocol's paths (serving.v2)
+        ("/v2/health/ready", "/v2/health/ready"),
+        ("/v2/models/chest_xray/infer", "/v2/models/chest_xray/infer"),
+        ("/v2/models/chest_xray/versions/123abc/infer", "/v2/models/chest_xray/infer"),
+        ("/v2/models/random1/ready", "/v2/models/{unknown}/ready"),
+        ("/v2/models/a/b/c", "/{unmatched}"),
+    ],
+)
+def test_metrics_labels_are_bounded(path: str, label: str) -> None:
+    assert endpoint_label(path, lambda name, action: name in ("chest_xray", "mnist")) == label
 
 
 @pytest.mark.slow

@@ -15,7 +15,6 @@ from test_serving import _batch_histogram
 
 from contract.card import ModelCard
 from contract.preprocessing import preprocess
-from serving.metrics_labels import endpoint_label
 
 PNG = Callable[..., bytes]
 
@@ -35,17 +34,6 @@ def _proba(server: Server, model: str, image: bytes, classes: list[str]) -> np.n
     answer = httpx.post(f"{server.url}/{model}/proba", files={"image": ("a.png", image, "image/png")}, timeout=30)
     assert answer.status_code == 200, answer.text
     return np.array([answer.json()["probabilities"][name] for name in classes], dtype=np.float32)
-
-
-def test_metrics_labels_stay_bounded_for_v2_paths() -> None:
-    def known(name: str, action: str) -> bool:
-        return name == "chest_xray"
-
-    assert endpoint_label("/v2/health/ready", known) == "/v2/health/ready"
-    assert endpoint_label("/v2/models/chest_xray/infer", known) == "/v2/models/chest_xray/infer"
-    assert endpoint_label("/v2/models/chest_xray/versions/123abc/infer", known) == "/v2/models/chest_xray/infer"
-    assert endpoint_label("/v2/models/random1/ready", known) == "/v2/models/{unknown}/ready"
-    assert endpoint_label("/v2/models/a/b/c", known) == "/{unmatched}"
 
 
 @pytest.mark.slow
