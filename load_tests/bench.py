@@ -288,7 +288,7 @@ def service(model_folder: Path, card: ModelCard, overrides: dict[str, str], work
         "IMAGEAI_MODEL_VERSIONS": f"{card.name}={card.version}",
         **overrides,
     }
-    command = [str(Path(sys.executable).parent / "bentoml"), "serve", "serving.service:ImageAI"]
+    command = [sys.executable, "-m", "bentoml", "serve", "serving.service:ImageAI"]
     server = start("service", [*command, "--host", "127.0.0.1", "--port", str(port)], env, workdir, port)
     try:
         yield server

@@ -36,7 +36,8 @@ def start_service(models_dir: Path, port: int, log: Path, extra_env: dict[str, s
         "IMAGEAI_RATE_LIMIT_RPS": "0",
         **extra_env,
     }
-    command = [str(BIN / "bentoml"), "serve", "serving.service:ImageAI", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "bentoml", "serve", "serving.service:ImageAI"]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
     with open(log, "wb") as output:
         return subprocess.Popen(
             command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True

@@ -10,10 +10,12 @@
   resize, the same augmentation, ToTensor and Normalize per sample, ``DataLoader(num_workers=2)``.
 
 Both feed the task's default architecture (or ``--arch``) with the task's batch size, Adam and cross-entropy on the
-CPU (or ``--device cuda``); ours in the channels-last memory format, as training.run does by default, the naive
-one in PyTorch's default layout. Each measurement runs in its own process so that its peak memory (``ru_maxrss`` of the
-process and of its largest loader worker) is its own: ``data`` iterates the loader only, ``train`` adds the
-training step. Images/s over the timed batches, after warm-up batches. A few minutes in all.
+CPU (or ``--device cuda``); ours in the channels-last memory format, as training.run does by default (and with
+``--amp``, in mixed precision on CUDA), the naive one in PyTorch's default layout. Each measurement runs in its own
+process so that its peak memory (``ru_maxrss`` of the process and of its largest loader worker) is its own: ``data``
+iterates the loader only, ``train`` adds the training step, ``step`` times the training step alone on one batch kept
+on the device (what AMP and channels-last change). Images/s over the timed batches, after warm-up batches. A few
+minutes in all.
 """
 
 from __future__ import annotations
@@ -81,8 +83,9 @@ def measure(pipeline: str, mode: str, args: argparse.Namespace) -> dict:
     loader, classes, spec, batch_size, load_seconds = _loader(pipeline, args)
     device = torch.device(args.device)
     layout = torch.channels_last if pipeline == "ours" and args.channels_last else torch.contiguous_format
+    amp = args.amp and device.type == "cuda" and pipeline == "ours"
     model = optimizer = None
-    if mode == "train":
+    if mode in ("train", "step"):
         arch = args.arch or spec.arch
         options = dict(spec.arch_options) if arch == spec.arch else {}
         model = create_model(
@@ -90,24 +93,30 @@ def measure(pipeline: str, mode: str, args: argparse.Namespace) -> dict:
         ).to(device, memory_format=layout)
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=spec.recipe.lr)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp)
         criterion = nn.CrossEntropyLoss()
-    warmup, timed = (args.warmup, args.batches) if mode == "train" else (args.warmup, args.data_batches)
+    warmup, timed = (args.warmup, args.data_batches) if mode == "data" else (args.warmup, args.batches)
     images, started = 0, None
     batches = iter(loader)
     for index in range(warmup + timed):
         if index == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             started, images = time.perf_counter(), 0
-        try:
-            x, y = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            x, y = next(batches)
+        if mode != "step" or index == 0:  # step: the first batch over and over, already on the device
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                x, y = next(batches)
         if model is not None:
             x, y = x.to(device).contiguous(memory_format=layout), y.to(device)
-            loss = criterion(model(x), y)
+            with torch.autocast(device.type, enabled=amp):
+                loss = criterion(model(x), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         images += len(y)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -119,8 +128,9 @@ def measure(pipeline: str, mode: str, args: argparse.Namespace) -> dict:
         "images": images,
         "seconds": round(seconds, 2),
         "batch_size": batch_size,
-        "arch": (args.arch or spec.arch) if mode == "train" else None,
+        "arch": (args.arch or spec.arch) if model is not None else None,
         "channels_last": layout == torch.channels_last,
+        "amp": amp,
         "load_seconds": round(load_seconds, 2),  # ours: reading the cached pixels (or decoding them once)
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
@@ -142,13 +152,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=12, help="timed training batches")
     parser.add_argument("--data-batches", type=int, default=30, help="timed batches of the loader-only runs")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches first")
-    parser.add_argument("--modes", default="data,train", help="data (loader only), train (loader + training step)")
+    parser.add_argument(
+        "--modes",
+        default="data,train",
+        help="data (loader only), train (loader + training step), step (training step alone, one batch on the device)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="ours trains in channels-last, training.run's default (the naive pipeline never does)",
+    )
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="ours on CUDA: automatic mixed precision, as training.run does there by default",
     )
     parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".cache", help="training's decoded-image cache")
     parser.add_argument("--out", type=Path, help="write the results here (JSON)")

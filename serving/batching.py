@@ -127,13 +127,18 @@ class Batcher:
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="imageai-infer")
         self._seconds_per_image = 0.0  # moving average over batches (wall time / images); 0 until the first batch
 
-    async def infer(self, runner: ModelRunner, tensor: np.ndarray) -> dict[str, np.ndarray]:
-        """The outputs of one image (C, H, W), computed in a batch with whatever else is queued."""
+    async def infer(self, runner: ModelRunner, tensor: np.ndarray, admit: bool = True) -> dict[str, np.ndarray]:
+        """The outputs of one image (C, H, W), computed in a batch with whatever else is queued.
+
+        With `admit`, refuse it (Overloaded) when the queue already holds more work than the latency budget; a lone
+        request is always taken, so that one slow batch cannot shut the service (no batches, no new estimate).
+        """
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._ready = asyncio.Event()
             self._task = loop.create_task(self._loop(), name="imageai-batcher")
-        if (len(self._queue) + 1) * self._seconds_per_image / self.concurrency > self.max_latency_s:
+        wait_s = (len(self._queue) + 1) * self._seconds_per_image / self.concurrency
+        if admit and self._queue and wait_s > self.max_latency_s:
             raise Overloaded
         pending = _Pending(runner, tensor, loop.create_future(), time.perf_counter())
         self._queue.append(pending)

@@ -103,7 +103,9 @@ def _create_session(
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = _OPTIMIZATION[optimization]
     want_cuda = device != "cpu" and CUDA in ort.get_available_providers()
-    providers = [CUDA, CPU] if want_cuda else [CPU]
+    # cuDNN's exhaustive algorithm search runs again for every new input shape (~1 s each): adaptive batches come
+    # in every size from 1 to max_batch_size, so take cuDNN's heuristic choice instead
+    providers = [(CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}), CPU] if want_cuda else [CPU]
     fallback = None
     if device == "auto" and not want_cuda:
         fallback = "this onnxruntime build has no CUDA provider"
@@ -193,6 +195,10 @@ class ModelRunner:
         # why the model runs on CPU although IMAGEAI_DEVICE=auto could have used CUDA; shown in GET /models
         self.fallback_reason = fallback_reason
         self.precision = "fp32"  # "int8" when the card's quantized file is served (IMAGEAI_INT8)
+        # CUDA: batches are padded up to the next of these sizes, the ones warm_up ran. Every new input shape costs
+        # the CUDA provider a first run (cuDNN algorithm choice and plans, memory), and adaptive batches come in every
+        # size from 1 to max_batch_size. On CPU the cost is linear in the batch: no padding.
+        self.padded_sizes: tuple[int, ...] = ()
         # the same session asked for the class activation maps too (POST /{model}/explain); predict never runs them
         self.explainer: ModelRunner | None = None
         if card.explanation is not None:
@@ -231,8 +237,13 @@ class ModelRunner:
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """float32 (N, C, H, W), built by contract.preprocessing → the outputs by name, N rows each."""
+        rows = len(batch)
+        size = next((size for size in self.padded_sizes if size >= rows), rows)
+        if size > rows:
+            batch = np.concatenate([batch, np.zeros((size - rows, *batch.shape[1:]), dtype=batch.dtype)])
         feed = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
-        return dict(zip(self.output_names, self.session.run(self.output_names, feed), strict=True))
+        outputs = self.session.run(self.output_names, feed)
+        return {name: value[:rows] for name, value in zip(self.output_names, outputs, strict=True)}
 
     def proba(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (N, K) of a classifier, in the order of card.classes."""
@@ -244,6 +255,8 @@ class ModelRunner:
         """Run once per batch size so that no client pays for onnxruntime's first-run allocations."""
         for size in batch_sizes:
             self.run(np.zeros((size, *self.input_shape), dtype=np.float32))
+        if self.provider == CUDA:
+            self.padded_sizes = tuple(sorted(batch_sizes))
         if self.explainer is not None:
             self.explainer.run(np.zeros((1, *self.input_shape), dtype=np.float32))
 

@@ -114,7 +114,7 @@ class ImageAI:
                 for size in sizes:
                     if self.batcher is not None:
                         zeros = np.zeros(runner.input_shape, dtype=np.float32)
-                        await asyncio.gather(*(self.batcher.infer(runner, zeros) for _ in range(size)))
+                        await asyncio.gather(*(self.batcher.infer(runner, zeros, admit=False) for _ in range(size)))
                     else:
                         await self._burst(item, size)
         except Exception:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import io
 import re
 import threading
@@ -17,7 +18,7 @@ from PIL import Image
 
 from serving.batching import Batcher, Overloaded
 from serving.config import Settings
-from serving.repository import ModelRepository
+from serving.repository import CUDA, ModelRepository
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,54 @@ def test_requests_that_would_miss_the_deadline_are_shed(repository: ModelReposit
     batcher.close()
     shed = [r for r in results if isinstance(r, Overloaded)]
     assert isinstance(results[0], dict) and shed and len(shed) < len(results)
+
+
+def test_one_slow_batch_cannot_shut_the_batcher(repository: ModelRepository) -> None:
+    """After a batch far over the latency budget (a cold GPU kernel), a lone request is still taken and the cost
+    estimate recovers; warm-up (admit=False) is never shed."""
+    runner = Slow(repository.get("chest_xray").runner, seconds=0.3)
+    batcher = Batcher(max_batch_size=4, max_latency_ms=100)
+    zeros = np.zeros((1, 16, 16), np.float32)
+
+    async def calls() -> list[object]:
+        first = await batcher.infer(runner, zeros, admit=False)  # 0.3 s per image, 3x the budget
+        warm = await asyncio.gather(*(batcher.infer(runner, zeros, admit=False) for _ in range(4)))
+        runner.seconds = 0.001
+        first_and_warm = [first, *warm]
+        alone = [await batcher.infer(runner, zeros) for _ in range(3)]
+        return [*first_and_warm, *alone]
+
+    results = asyncio.run(calls())
+    batcher.close()
+    assert all(isinstance(r, dict) for r in results)
+
+
+class ShapeRecorder:
+    """Wraps an onnxruntime session: records the batch sizes it is asked to run."""
+
+    def __init__(self, session) -> None:
+        self.session, self.sizes = session, []
+
+    def run(self, names, feed):
+        self.sizes.append(len(next(iter(feed.values()))))
+        return self.session.run(names, feed)
+
+
+def test_cuda_batches_are_padded_to_the_warmed_sizes(repository: ModelRepository) -> None:
+    runner = copy.copy(repository.get("rgb").runner)
+    runner.session = recorder = ShapeRecorder(runner.session)
+    batch = np.random.default_rng(0).random((3, 3, 8, 8), dtype=np.float32)
+    runner.warm_up([1, 2, 4])
+    unpadded = runner.run(batch)
+    assert runner.padded_sizes == () and recorder.sizes[-1] == 3  # CPU: the cost is linear in the batch
+
+    runner.provider = CUDA
+    runner.warm_up([1, 2, 4])
+    padded = runner.run(batch)
+    assert runner.padded_sizes == (1, 2, 4) and recorder.sizes[-1] == 4
+    assert padded["probabilities"].shape == (3, 3)
+    np.testing.assert_allclose(padded["probabilities"], unpadded["probabilities"], atol=1e-6)
+    assert len(runner.run(np.zeros((6, 3, 8, 8), np.float32))["probabilities"]) == 6  # beyond the largest: as is
 
 
 def _metric_sum(text: str, pattern: str) -> float:

@@ -69,15 +69,20 @@ def test_device_choice_and_cpu_fallback_are_reported(model_repository: Path, mon
 
     # the CUDA provider raises while creating the session (driver error, out of GPU memory): retried on CPU
     real_session = ort.InferenceSession
+    asked: list[list] = []
 
-    def failing_cuda(data: bytes, options: object = None, providers: list[str] | None = None) -> object:
-        if providers and CUDA in providers:
+    def failing_cuda(data: bytes, options: object = None, providers: list | None = None) -> object:
+        asked.append(providers)
+        # a provider is a name or a (name, options) pair
+        if any(CUDA in (provider if isinstance(provider, tuple) else (provider,)) for provider in providers or []):
             raise RuntimeError("CUDA failure 100: no CUDA-capable device is detected")
         return real_session(data, options, providers=providers)
 
     monkeypatch.setattr(repository_module.ort, "InferenceSession", failing_cuda)
     failed = ModelRunner.load(folder, device="auto")
     assert failed.provider == CPU and "CUDA failure 100" in failed.fallback_reason
+    # cuDNN's exhaustive search would run again for every new batch size: the heuristic choice is asked for
+    assert asked[0][0] == (CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}) and asked[1] == [CPU]
     assert failed.proba(np.zeros((1, 1, 16, 16), np.float32)).shape == (1, 2)
     with pytest.raises(ModelProblem, match="cannot load"):
         ModelRunner.load(folder, device="cuda")

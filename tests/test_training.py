@@ -20,8 +20,8 @@ from training import run
 from training.tasks import TASKS
 
 
-def assert_published(models: Path, name: str, kind: str) -> ModelCard:
-    folder = models / name / "1"
+def assert_published(models: Path, name: str, kind: str, version: str = "1") -> ModelCard:
+    folder = models / name / version
     card = ModelCard.load(folder)
     assert card.kind == kind
     assert card.onnx.sha256 == sha256_file(folder / "model.onnx")
@@ -123,6 +123,52 @@ def test_mirror_averaged_export_is_flip_invariant(tmp_path: Path) -> None:
     np.testing.assert_allclose(mirror_cam, cam[..., ::-1], atol=1e-5 * float(np.abs(cam).max()) + 1e-7)
 
 
+def test_checkpoints_export_as_one_ensemble(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`--checkpoint A B --epochs 0`: one graph whose probabilities are the mean of the members', with maps."""
+    import onnxruntime as ort
+
+    from training.architectures import create_model
+
+    data = make_image_folder(tmp_path / "data", ["COVID", "NORMAL"], per_class=12, size=40)
+    common = ["--arch", "compact_cnn", "--image-size", "32"]
+    checkpoints = []
+    for lr in ("1e-3", "1e-2"):  # two different members
+        assert train("covid", data, tmp_path / lr, *common, "--lr", lr, "--no-export") == 0
+        checkpoints.append(str(next((tmp_path / lr / "runs" / "covid").glob("*/best.pt"))))
+    assert train("covid", data, tmp_path, *common, "--checkpoint", *checkpoints) == 2  # epochs 1: refused
+    assert "--epochs 0" in caplog.text
+    assert train("covid", data, tmp_path, *common, "--epochs", "0", "--checkpoint", *checkpoints) == 0
+    card = assert_published(tmp_path / "models", "covid", "classifier")
+    assert card.architecture == "ensemble of 2 x compact_cnn" and "2 ensemble members" in card.explanation.layer
+    assert sorted(p.name for p in (tmp_path / "runs" / "covid").glob("*/member*-best.pt")) == [
+        "member1-best.pt",
+        "member2-best.pt",
+    ]
+
+    x = np.random.default_rng(0).random((4, 1, 32, 32), dtype=np.float32)
+    members = []
+    for path in checkpoints:
+        member = create_model("compact_cnn", in_chans=1, num_classes=2, image_size=32, pretrained=False).eval()
+        member.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+        members.append(member)
+    with torch.no_grad():
+        expected = torch.stack([m(torch.from_numpy(x)).softmax(1) for m in members]).mean(0).numpy()
+    session = ort.InferenceSession(str(tmp_path / "models/covid/1/model.onnx"), providers=["CPUExecutionProvider"])
+    probabilities, cam = session.run(None, {"input": x})
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert cam.shape == (4, 2, 32, 32)
+
+    # --half-weights: the same ensemble with its weights stored in float16, about half the file, same answers
+    half = ["--epochs", "0", "--checkpoint", *checkpoints, "--half-weights", "--version", "2"]
+    assert train("covid", data, tmp_path, *common, *half) == 0
+    half_card = assert_published(tmp_path / "models", "covid", "classifier", version="2")
+    assert half_card.training["half_weights"] is True
+    full_size, half_size = ((tmp_path / f"models/covid/{v}/model.onnx").stat().st_size for v in ("1", "2"))
+    assert half_size < 0.6 * full_size
+    session = ort.InferenceSession(str(tmp_path / "models/covid/2/model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input": x})[0], expected, atol=2e-3)
+
+
 def test_checkpoint_best_can_monitor_validation_accuracy(tmp_path: Path) -> None:
     import csv
 
@@ -149,6 +195,21 @@ def test_recipe_and_augment_overrides_are_typed_and_recorded() -> None:
     assert (recipe.class_weights, recipe.label_smoothing) == (False, 0.1)
     assert (spec.augment.hflip, spec.augment.zoom, spec.augment.rotation) == (False, 0.2, 20)
     assert config.recipe["optimizer"] == "adamw" and config.augmentation["zoom"] == 0.2  # written into the card
+
+
+def test_photometric_augmentation_and_random_erasing() -> None:
+    from training.engine import build_augmentation
+    from training.tasks import Augment
+
+    image = torch.full((1, 32, 32), 128, dtype=torch.uint8)
+    torch.manual_seed(0)
+    erased = build_augmentation(Augment(erasing=1.0), square=True)(image)
+    assert erased.dtype == torch.uint8 and erased.shape == image.shape
+    assert (erased == 0).any() and (erased == 128).any()  # one rectangle blanked, the rest untouched
+    jitter = build_augmentation(Augment(brightness=0.5, contrast=0.5), square=True)
+    assert len({float(jitter(image).float().mean()) for _ in range(8)}) > 1
+    spec, _ = run.resolve(run.parse_args(["emotion", "--data", "x", "--augment", "erasing=0.25"]))
+    assert spec.augment.erasing == 0.25
 
 
 @pytest.mark.parametrize("setting", ["optimizer=lion", "no_such_key=1", "plateau_patience=", "epochs=ten"])

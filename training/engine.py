@@ -46,6 +46,10 @@ def build_augmentation(augment: Augment, square: bool) -> v2.Transform | None:
         steps.append(v2.RandomHorizontalFlip())
     if augment.vflip:
         steps.append(v2.RandomVerticalFlip())
+    if augment.brightness or augment.contrast:
+        steps.append(v2.ColorJitter(brightness=augment.brightness or None, contrast=augment.contrast or None))
+    if augment.erasing:
+        steps.append(v2.RandomErasing(p=augment.erasing))
     return v2.Compose(steps) if steps else None
 
 
@@ -151,6 +155,7 @@ class FitResult:
     seconds: float
     images_per_second: float
     checkpoint: Path
+    device: str | None = None  # where the checkpoint was trained (an adopted one may come from another machine)
 
 
 def _run_epoch(model, loader, objective, device, optimizer=None, scaler=None, amp=False, channels_last=False, desc=""):
@@ -277,7 +282,13 @@ def fit(
             if improved:
                 best_score, best_loss, best_epoch, stale = score, va_loss, epoch, 0
                 if main:
-                    torch.save({"state_dict": model.state_dict(), "epoch": epoch, "val_loss": va_loss}, checkpoint)
+                    state = {
+                        "state_dict": model.state_dict(),
+                        "epoch": epoch,
+                        "val_loss": va_loss,
+                        "device": str(device),
+                    }
+                    torch.save(state, checkpoint)
             else:
                 stale += 1
             if main:
@@ -296,29 +307,35 @@ def fit(
     if main:
         model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True)["state_dict"])
     distributed.broadcast_state(model)
-    return FitResult(best_epoch, best_loss, epoch, elapsed, images / elapsed, checkpoint)
+    return FitResult(best_epoch, best_loss, epoch, elapsed, images / elapsed, checkpoint, str(device))
 
 
-def adopt_checkpoint(model: nn.Module, checkpoint: Path, run_dir: Path, device: torch.device) -> FitResult:
+def adopt_checkpoint(
+    model: nn.Module, checkpoint: Path, run_dir: Path, device: torch.device, prefix: str = ""
+) -> FitResult:
     """Take an earlier run's best checkpoint (and its history) as this run's result, without training.
 
     ``training.run --checkpoint PATH --epochs 0`` uses this to evaluate and export a run that was stopped early.
-    The checkpoint keeps its file name (``best.pt``, ``best-<stage>.pt``) and brings its ``history[-<stage>].csv``.
+    The checkpoint keeps its file name (``best.pt``, ``best-<stage>.pt``) behind `prefix` (ensemble members:
+    ``member1-best.pt``, ...) and brings its ``history[-<stage>].csv`` (and a member its run's ``config.json``) under
+    the same prefix.
     """
     state = torch.load(checkpoint, map_location=device, weights_only=True)
     model.load_state_dict(state["state_dict"])
     model.to(device)
-    target = run_dir / checkpoint.name
+    target = run_dir / f"{prefix}{checkpoint.name}"
     shutil.copyfile(checkpoint, target)
     seconds = 0.0
     history_name = checkpoint.stem.replace("best", "history", 1) + ".csv"
     source_history = checkpoint.with_name(history_name)
     if source_history.exists():
-        shutil.copyfile(source_history, run_dir / history_name)
+        shutil.copyfile(source_history, run_dir / f"{prefix}{history_name}")
         with open(source_history) as handle:
             rows = list(csv.DictReader(handle))
         seconds = sum(float(r["seconds"]) for r in rows)
-    return FitResult(state["epoch"], state["val_loss"], state["epoch"], seconds, 0.0, target)
+    if prefix and checkpoint.with_name("config.json").exists():  # an ensemble member's own recipe, for the record
+        shutil.copyfile(checkpoint.with_name("config.json"), run_dir / f"{prefix}config.json")
+    return FitResult(state["epoch"], state["val_loss"], state["epoch"], seconds, 0.0, target, state.get("device"))
 
 
 @torch.no_grad()

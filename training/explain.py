@@ -23,6 +23,7 @@ from torch import nn
 
 from contract.card import ExplanationInfo, InputSpec
 from training.architectures.cnn import GaussianDropout
+from training.ensemble import Ensemble
 from training.export import WithSoftmax
 from training.mirror import MirrorAveraged
 
@@ -139,16 +140,38 @@ class MirrorExplained(nn.Module):
         return (probabilities + mirror_probabilities) / 2, (cam + mirror_cam.flip(-1)) / 2
 
 
-def explainable(model: nn.Module, num_classes: int) -> Explained | MirrorExplained | None:
-    """`model` with a class-activation-map output, or None when its head is not piecewise linear after a spatial map."""
+class EnsembleExplained(nn.Module):
+    """:class:`Explained` for an :class:`~training.ensemble.Ensemble`: the members' probabilities and maps averaged."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    @property
+    def features(self) -> nn.Sequential:
+        return self.members[0].features
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probabilities, cams = zip(*(member(x) for member in self.members), strict=True)
+        return torch.stack(probabilities).mean(dim=0), torch.stack(cams).mean(dim=0)
+
+
+def explainable(model: nn.Module, num_classes: int) -> nn.Module | None:
+    """`model` with a class-activation-map output, or None when its head is not piecewise linear after a spatial map.
+
+    The result is an :class:`Explained`, or a wrapper of them (:class:`MirrorExplained`, :class:`EnsembleExplained`).
+    """
     if isinstance(model, MirrorAveraged):
         inner = explainable(model.model, num_classes)
         return MirrorExplained(inner).eval() if inner is not None else None
+    if isinstance(model, Ensemble):
+        members = [explainable(member, num_classes) for member in model.members]
+        return EnsembleExplained(members).eval() if all(m is not None for m in members) else None
     parts = _split(model)
     return Explained(*parts, num_classes).eval() if parts is not None else None
 
 
-def check_faithful(explained: Explained | MirrorExplained, model: nn.Module, inputs: torch.Tensor) -> None:
+def check_faithful(explained: nn.Module, model: nn.Module, inputs: torch.Tensor) -> None:
     """The wrapper re-runs the model layer by layer: it must give the model's own probabilities."""
     with torch.no_grad():
         expected = model.eval()(inputs).softmax(dim=1)
@@ -158,12 +181,20 @@ def check_faithful(explained: Explained | MirrorExplained, model: nn.Module, inp
         raise ValueError(f"the explained model does not reproduce the model's probabilities (|diff| {worst:.1e})")
 
 
-def explanation_info(explained: Explained | MirrorExplained, spec: InputSpec, parity: float) -> ExplanationInfo:
+def explanation_info(explained: nn.Module, spec: InputSpec, parity: float) -> ExplanationInfo:
     with torch.no_grad():
         cells = explained.features(torch.zeros(1, spec.channels, spec.height, spec.width)).shape[-2:]
     where = "the input pixels" if len(explained.features) == 0 else "the last spatial feature map"
-    if isinstance(explained, MirrorExplained):
-        where += " (mean of the image's map and its mirror image's map, flipped back)"
+    means = []
+    while not isinstance(explained, Explained):
+        if isinstance(explained, MirrorExplained):
+            means.append("of the image's map and its mirror image's map, flipped back")
+            explained = explained.explained
+        else:
+            means.append(f"over the {len(explained.members)} ensemble members")
+            explained = explained.members[0]
+    if means:
+        where += f" (mean {', and '.join(means)})"
     return ExplanationInfo(
         output=EXPLANATION_OUTPUT,
         method="cam",

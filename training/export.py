@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import helper, numpy_helper
 from torch import nn
 
 from contract.card import CARD_FILE, ONNX_FILE, ExplanationInfo, ModelCard, OnnxInfo, TensorSpec, sha256_file
@@ -54,6 +55,45 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, output_nam
             verbose=False,
         )
     program.save(str(path), external_data=False)
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+HALF_MIN_ELEMENTS = 1024  # weights this large are stored in float16; smaller tensors (biases, constants) stay float32
+
+
+def round_weights_to_half(model: nn.Module) -> nn.Module:
+    """Round every float parameter and buffer to the nearest float16 value (kept in float32), in place.
+
+    Done before evaluation when the ONNX file will store its weights in float16, so that the metrics, the parity
+    check and serving all see the very same weights.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
+    return model
+
+
+def store_weights_in_half(path: Path) -> None:
+    """Store the graph's large float32 weights as float16, each behind a Cast back to float32.
+
+    Half the file. onnxruntime folds the casts when it loads the graph, so inference still runs in float32, on the
+    weights :func:`round_weights_to_half` rounded (lossless then, which the parity check confirms).
+    """
+    model = onnx.load(str(path))
+    graph, casts = model.graph, []
+    for initializer in graph.initializer:
+        if initializer.data_type != onnx.TensorProto.FLOAT or np.prod(initializer.dims) < HALF_MIN_ELEMENTS:
+            continue
+        half = numpy_helper.from_array(
+            numpy_helper.to_array(initializer).astype(np.float16), f"{initializer.name}_fp16"
+        )
+        casts.append(helper.make_node("Cast", [half.name], [initializer.name], to=onnx.TensorProto.FLOAT))
+        initializer.CopyFrom(half)
+    nodes = [*casts, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-_FLOOR = 1e-12  # keeps log finite; softmax of the output differs from the mean probabilities by < 1e-11
+LOG_FLOOR = 1e-12  # keeps log finite; softmax of the output differs from the mean probabilities by < 1e-11
 
 
 class MirrorAveraged(nn.Module):
@@ -22,4 +22,4 @@ class MirrorAveraged(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probabilities = (self.model(x).softmax(dim=1) + self.model(x.flip(-1)).softmax(dim=1)) / 2
-        return probabilities.clamp_min(_FLOOR).log()
+        return probabilities.clamp_min(LOG_FLOOR).log()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import json
 import logging
 import sys
@@ -37,6 +38,7 @@ from training.engine import (
     predict,
     reconstruction,
 )
+from training.ensemble import Ensemble
 from training.evaluate import (
     choose_threshold,
     classification_metrics,
@@ -45,8 +47,15 @@ from training.evaluate import (
     plot_history,
     plot_reconstructions,
 )
-from training.explain import Explained, MirrorExplained, classifier_graph, explanation_info
-from training.export import ExportError, export_onnx, publish, verify_parity
+from training.explain import EXPLANATION_OUTPUT, classifier_graph, explanation_info
+from training.export import (
+    ExportError,
+    export_onnx,
+    publish,
+    round_weights_to_half,
+    store_weights_in_half,
+    verify_parity,
+)
 from training.mirror import MirrorAveraged
 from training.tasks import Augment, Recipe, TaskSpec
 
@@ -89,8 +98,9 @@ class RunConfig:
     export: bool
     version: str | None
     tensorboard: bool
-    checkpoint: str | None
+    checkpoints: list[str]  # --checkpoint: start from the first; with --epochs 0 adopt it, or ensemble several
     mirror_average: bool
+    half_weights: bool  # store the ONNX weights in float16 (rounded before evaluation, computed in float32)
     recipe: dict  # the whole recipe and augmentation, so a card says exactly how its model was trained
     augmentation: dict | None  # None: --no-augment
 
@@ -156,8 +166,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one augmentation setting of the task (rotation, shift, shear, zoom, hflip, vflip, right_angles),"
-        " e.g. --augment right_angles=true --augment rotation=0; repeatable",
+        help="override one augmentation setting of the task "
+        f"({', '.join(f.name for f in dataclasses.fields(Augment))}), "
+        "e.g. --augment right_angles=true --augment rotation=0; repeatable",
     )
     parser.add_argument("--dropout", type=float, help="dropout rate, for architectures that take it (0 disables)")
     parser.add_argument("--init", choices=["glorot", "zeros", "ones", "default"], help="weight initialiser")
@@ -171,7 +182,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
     parser.add_argument(
-        "--amp", action=argparse.BooleanOptionalAction, default=True, help="automatic mixed precision (CUDA only)"
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="automatic mixed precision (CUDA only); off by default because it measured 0.7-0.85x for "
+        "EfficientNet-Lite0 at batch 32 on an H100 (small, launch-bound steps; docs/performance.md): turn it on "
+        "for large models and batches",
     )
     parser.add_argument(
         "--channels-last",
@@ -191,9 +207,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpoint",
         type=Path,
-        help="start from this best.pt (weights only); with --epochs 0, evaluate and export it without training "
-        "(autoencoder tasks: a run's best-autoencoder.pt, with --epochs 0; its classifier checkpoints are read "
-        "from the same folder)",
+        nargs="+",
+        help="start from this best.pt (weights only); with --epochs 0, evaluate and export it without training. "
+        "Several, with --epochs 0: evaluate and export their ensemble (the mean of their probabilities; all of this "
+        "run's --arch and --image-size). Autoencoder tasks: a run's best-autoencoder.pt, with --epochs 0; its "
+        "classifier checkpoints are read from the same folder",
+    )
+    parser.add_argument(
+        "--half-weights",
+        action="store_true",
+        help="classifiers: store the exported weights in float16, half the file (an ensemble of four Lite0 takes "
+        "28 MB instead of 56); they are rounded before evaluation and inference still computes in float32",
     )
     parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard in the run folder")
     return parser.parse_args(argv)
@@ -284,11 +308,16 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
         export=not args.no_export,
         version=args.version,
         tensorboard=args.tensorboard,
-        checkpoint=str(args.checkpoint) if args.checkpoint else None,
+        checkpoints=[str(path) for path in args.checkpoint or []],
         mirror_average=spec.mirror_average,
+        half_weights=args.half_weights,
         recipe=asdict(recipe),
         augmentation=None if args.no_augment else asdict(spec.augment),
     )
+    if config.half_weights and spec.kind != "classifier":
+        raise ValueError("--half-weights is for classifiers")
+    if len(config.checkpoints) > 1 and config.epochs != 0:
+        raise ValueError("several --checkpoint files make an ensemble, evaluated and exported, not trained: --epochs 0")
     return spec, config
 
 
@@ -351,11 +380,12 @@ def train_classifier(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir: 
     log.info("%s: %s with %s parameters, %s", spec.name, config.arch, f"{count_parameters(model):,}", data.sizes())
     weights = balanced_class_weights(data.splits["train"].labels, k) if spec.recipe.class_weights else None
     train, val = _loaders(spec, config, data)
-    if config.checkpoint and config.epochs == 0:
-        result = adopt_checkpoint(model, Path(config.checkpoint), run_dir, device)
-        return finish_classifier(spec, config, data, run_dir, device, model, result, config.name, config.arch)
-    if config.checkpoint:
-        model.load_state_dict(torch.load(config.checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    if config.checkpoints and config.epochs == 0:
+        model, result, arch = adopt_members(model, spec, config, k, run_dir, device)
+        return finish_classifier(spec, config, data, run_dir, device, model, result, config.name, arch)
+    if config.checkpoints:
+        state = torch.load(config.checkpoints[0], map_location="cpu", weights_only=True)
+        model.load_state_dict(state["state_dict"])
     result = fit(
         model,
         train,
@@ -371,10 +401,38 @@ def train_classifier(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir: 
     return finish_classifier(spec, config, data, run_dir, device, model, result, config.name, config.arch)
 
 
+def adopt_members(
+    model: nn.Module, spec: TaskSpec, config: RunConfig, num_classes: int, run_dir: Path, device: torch.device
+) -> tuple[nn.Module, FitResult, str]:
+    """--checkpoint ... --epochs 0: the one checkpoint's model, or the ensemble of several; with its result and arch."""
+    if len(config.checkpoints) == 1:
+        return model, adopt_checkpoint(model, Path(config.checkpoints[0]), run_dir, device), config.arch
+    members = [model] + [
+        create_model(
+            config.arch,
+            in_chans=spec.input.channels,
+            num_classes=num_classes,
+            image_size=spec.input.height,
+            pretrained=False,
+            **config.arch_options,
+        )
+        for _ in config.checkpoints[1:]
+    ]
+    results = [
+        adopt_checkpoint(member, Path(path), run_dir, device, prefix=f"member{index}-")
+        for index, (member, path) in enumerate(zip(members, config.checkpoints, strict=True), start=1)
+    ]
+    log.info("ensemble of %d %s checkpoints", len(members), config.arch)
+    result = replace(results[0], seconds=sum(r.seconds for r in results))
+    return Ensemble(members), result, f"ensemble of {len(members)} x {config.arch}"
+
+
 def finish_classifier(spec, config, data, run_dir, device, model, result, name, arch, extra_test_metrics=None) -> dict:
     """Threshold on validation, metrics and plots on test, export and publish (rank 0 only under torchrun)."""
     if not distributed.is_main():
         return {}
+    if config.half_weights:
+        round_weights_to_half(model)
     if spec.mirror_average:
         model = MirrorAveraged(model)
     classes = data.classes
@@ -398,7 +456,7 @@ def finish_classifier(spec, config, data, run_dir, device, model, result, name, 
             "best_val_loss": result.best_val_loss,
             "seconds": round(result.seconds, 1),
             "train_images_per_second": round(result.images_per_second, 1),
-            "device": str(device),
+            "device": result.device or str(device),
             "train_accuracy": _train_accuracy_at(result),
             "parameters": count_parameters(model),
             "ms_per_image": round(ms_per_image, 3),
@@ -434,9 +492,9 @@ def train_autoencoder(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir:
         config.arch, in_chans=spec.input.channels, num_classes=k, image_size=spec.input.height, **config.arch_options
     )
     train, val = _loaders(spec, config, data)
-    if config.checkpoint and config.epochs:
-        raise ValueError("autoencoder tasks take --checkpoint only with --epochs 0 (evaluate and export a run)")
-    source = Path(config.checkpoint).parent if config.checkpoint else None
+    if config.checkpoints and (config.epochs or len(config.checkpoints) > 1):
+        raise ValueError("autoencoder tasks take one --checkpoint, with --epochs 0 (evaluate and export a run)")
+    source = Path(config.checkpoints[0]).parent if config.checkpoints else None
 
     def stage(model: nn.Module, objective: Objective, recipe: Recipe, tag: str | None = None) -> FitResult:
         if source is not None:
@@ -546,8 +604,10 @@ def _export_and_publish(
     onnx_path = run_dir / f"{fields['name']}.onnx"
     c, h, w = spec.input.channels, spec.input.height, spec.input.width
     export_onnx(module, torch.zeros(2, c, h, w), onnx_path, outputs)
+    if config.half_weights:
+        store_weights_in_half(onnx_path)
     diffs = verify_parity(module, onnx_path, data.splits["val"].pixels[:128], spec.input)
-    if isinstance(module, Explained | MirrorExplained):  # probabilities, then the class activation maps
+    if EXPLANATION_OUTPUT in outputs:  # probabilities, then the class activation maps
         parity, explanation = diffs[0], explanation_info(module, spec.input, diffs[1])
     else:
         parity, explanation = max(diffs), None

@@ -42,6 +42,8 @@ def row(card: ModelCard) -> str:
             quality = f"frozen-encoder acc {test['frozen_encoder_accuracy']:.3f}"
         if card.training.get("mirror_average"):
             quality = "mean of image and mirror image"
+        if card.training.get("half_weights"):
+            quality += "; float16 weights"
     reference = TASKS[card.task].reference if card.task in TASKS else ""
     arch = card.architecture + (" (ImageNet)" if card.training.get("pretrained") else "")
     return " | ".join(

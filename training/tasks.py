@@ -27,6 +27,9 @@ class Augment:
     hflip: bool = False
     vflip: bool = False
     right_angles: bool = False  # rotate by a random multiple of 90 degrees
+    brightness: float = 0.0  # factor uniform in [1 - brightness, 1 + brightness]
+    contrast: float = 0.0  # likewise
+    erasing: float = 0.0  # probability of blanking one random rectangle of 2-33 % of the image (Random Erasing)
 
 
 @dataclass(frozen=True)
