@@ -107,6 +107,7 @@ def _limit_process(
     threads: int,
     optimization: str,
     int8: bool,
+    memory_arena: bool,
     io_binding: bool,
     images: list[bytes],
     phases: list[tuple[int, float]],
@@ -116,7 +117,9 @@ def _limit_process(
     """One of `workers` processes: for each (batch size, seconds) phase, decode and run batches for that long."""
     from serving.repository import ModelRunner
 
-    runner = ModelRunner.load(Path(folder), device=device, threads=threads, optimization=optimization, int8=int8)
+    runner = ModelRunner.load(
+        Path(folder), device=device, threads=threads, optimization=optimization, int8=int8, memory_arena=memory_arena
+    )
     spec = runner.card.input
     run = _io_binding_runner(runner) if io_binding else runner.run
     position = 0
@@ -176,6 +179,7 @@ def run_limit(folder: Path, settings: Settings, images: list[bytes], phases: lis
                 settings.threads_per_session,
                 settings.graph_optimization,
                 settings.int8 == "auto",
+                settings.cpu_memory_arena,
                 io_binding,
                 images,
                 phases,

@@ -58,6 +58,9 @@ class Settings(BaseModel):
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     # auto: serve a model's int8 file when its card marks it served (within 1 accuracy point of fp32, faster)
     int8: Literal["auto", "off"] = "auto"
+    # onnxruntime's CPU arena keeps each session's largest-batch activations for the life of the worker: 1.7-2.5 GB
+    # for emotion v4 (four Lite0 at 224 px) at batch 32, 0.4-0.5 GB without, for 0-25 % of its speed (performance.md)
+    cpu_memory_arena: bool = False
     # direct: in-process batcher (serving.batching.Batcher); bentoml: self.to_async through BentoML's dispatcher
     batching: Literal["direct", "bentoml"] = "direct"
     max_batch_size: int = Field(default=32, ge=2)

@@ -92,10 +92,11 @@ def _read_int8(folder: Path, card: ModelCard) -> bytes | None:
 
 
 def _create_session(
-    data: bytes, file_name: str, device: str, threads: int, optimization: str
+    data: bytes, file_name: str, device: str, threads: int, optimization: str, memory_arena: bool
 ) -> tuple[ort.InferenceSession, str | None]:
     """The session, and why it runs on CPU although IMAGEAI_DEVICE=auto (None when it runs where asked)."""
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = memory_arena
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     # Idle onnxruntime threads spin by default, taking the cores that decoding and the event loop need: on a
@@ -207,7 +208,14 @@ class ModelRunner:
 
     @classmethod
     def load(
-        cls, folder: Path, *, device: str = "cpu", threads: int = 1, optimization: str = "all", int8: bool = False
+        cls,
+        folder: Path,
+        *,
+        device: str = "cpu",
+        threads: int = 1,
+        optimization: str = "all",
+        int8: bool = False,
+        memory_arena: bool = False,
     ) -> ModelRunner:
         """Load and verify one version folder; raises ModelProblem saying what is wrong.
 
@@ -220,14 +228,14 @@ class ModelRunner:
         if quantized is not None:
             try:
                 session, fallback_reason = _create_session(
-                    quantized, card.quantized.file, device, threads, optimization
+                    quantized, card.quantized.file, device, threads, optimization, memory_arena
                 )
                 runner = cls(card, session, _check_signature(card, session), fallback_reason)
                 runner.precision = "int8"
                 return runner
             except ModelProblem as problem:
                 logger.warning("model %s: the int8 file cannot serve (%s); serving fp32", card.name, problem)
-        session, fallback_reason = _create_session(fp32, card.onnx.file, device, threads, optimization)
+        session, fallback_reason = _create_session(fp32, card.onnx.file, device, threads, optimization, memory_arena)
         return cls(card, session, _check_signature(card, session), fallback_reason)
 
     @property
@@ -365,6 +373,7 @@ def _load_entry(model_dir: Path, settings: Settings) -> ModelEntry:
             threads=settings.threads_per_session,
             optimization=settings.graph_optimization,
             int8=settings.int8 == "auto",
+            memory_arena=settings.cpu_memory_arena,
         )
         if (runner.card.name, runner.card.version) != (name, version):
             raise ModelProblem(

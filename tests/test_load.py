@@ -52,13 +52,22 @@ def test_training_benchmark_runs_both_pipelines(tmp_path: Path) -> None:
     out = tmp_path / "train_bench.json"
     command = [
         sys.executable, "load_tests/train_bench.py", "--data", str(data), "--arch", "compact_cnn",
-        "--batch-size", "8", "--batches", "1", "--data-batches", "2", "--warmup", "1",
+        "--batch-size", "8", "--batches", "1", "--data-batches", "2", "--warmup", "1", "--modes", "data,train,step",
         "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     runs = {(r["pipeline"], r["mode"]): r for r in report["results"]}
-    assert set(runs) == {(p, m) for p in ("ours", "naive") for m in ("data", "train")}
+    assert set(runs) == {(p, m) for p in ("ours", "naive") for m in ("data", "train", "step")}
     assert runs["ours", "train"]["channels_last"] and not runs["naive", "train"]["channels_last"]
-    assert all(r["images_per_s"] > 0 for r in runs.values()) and set(report["ratios"]) == {"data", "train"}
+    assert all(r["images_per_s"] > 0 for r in runs.values()) and set(report["ratios"]) == {"data", "train", "step"}
+
+
+def test_session_memory_compares_the_arena_on_and_off(model_repository: Path) -> None:
+    command = [sys.executable, "load_tests/session_memory.py", str(model_repository / "rgb" / "1"),
+               "--max-batch", "4", "--repeats", "1"]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert [line.split()[1] for line in lines] == ["on", "off"] and all("resident" in line for line in lines)

@@ -68,6 +68,15 @@ def test_repository_serves_latest_or_pinned_and_refuses_tampered(model_repositor
     assert repository.autoencoder("chest_xray") is None
 
 
+def test_cpu_memory_arena_is_off_unless_asked_for(model_repository: Path) -> None:
+    """The arena would keep every session's largest-batch activations for the worker's life (GBs for big models)."""
+    default = ModelRepository.load(Settings(models_dir=model_repository)).get("rgb").runner
+    assert default.session.get_session_options().enable_cpu_mem_arena is False
+    settings = Settings.from_env({"IMAGEAI_MODELS_DIR": str(model_repository), "IMAGEAI_CPU_MEMORY_ARENA": "true"})
+    arena = ModelRepository.load(settings).get("rgb").runner
+    assert arena.session.get_session_options().enable_cpu_mem_arena is True
+
+
 def _copy_model(source: Path, root: Path, name: str) -> Path:
     folder = root / name / "1"
     shutil.copytree(source, folder)

@@ -20,6 +20,7 @@ from contract.preprocessing import normalize
 
 OPSET = 18
 PARITY_ATOL = 1e-4  # max |p_onnx - p_torch| for probabilities / reconstructions
+EXPLANATION_PARITY_RTOL = 1e-2  # class activation maps: max |diff| / the maps' largest value (see verify_parity)
 
 
 class ExportError(RuntimeError):
@@ -97,9 +98,14 @@ def store_weights_in_half(path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def verify_parity(module: nn.Module, path: Path, pixels: np.ndarray, spec) -> list[float]:
+def verify_parity(module: nn.Module, path: Path, pixels: np.ndarray, spec, explanation: bool = False) -> list[float]:
     """onnxruntime must agree with PyTorch on real images: same argmax everywhere, every output within PARITY_ATOL
     of its scale (absolute for probabilities and reconstructions, relative to the largest value for larger maps).
+
+    With `explanation`, the last output holds class activation maps, checked relative to their largest value within
+    EXPLANATION_PARITY_RTOL: serving rescales each map to [0, 1], and the map's sum over channels of gradient x
+    activation cancels terms, which makes it less exact than the probabilities (an ensemble of four EfficientNet-
+    Lite0 at 224 px: 4e-3 of the map's range, where its probabilities agree within 1e-6).
 
     Returns the difference per output, in the graph's output order.
     """
@@ -112,10 +118,14 @@ def verify_parity(module: nn.Module, path: Path, pixels: np.ndarray, spec) -> li
     diffs = [
         float(np.abs(a - e).max()) / max(1.0, float(np.abs(e).max())) for a, e in zip(actual, expected, strict=True)
     ]
-    if max(diffs) > PARITY_ATOL:
-        raise ExportError(
-            f"ONNX output differs from PyTorch by {max(diffs):.2e} (> {PARITY_ATOL:g}) on validation images"
-        )
+    tolerances = [PARITY_ATOL] * len(diffs)
+    if explanation:
+        maps, expected_maps = actual[-1], expected[-1]
+        diffs[-1] = float(np.abs(maps - expected_maps).max()) / max(float(np.abs(expected_maps).max()), 1e-12)
+        tolerances[-1] = EXPLANATION_PARITY_RTOL
+    for diff, tolerance in zip(diffs, tolerances, strict=True):
+        if diff > tolerance:
+            raise ExportError(f"ONNX output differs from PyTorch by {diff:.2e} (> {tolerance:g}) on validation images")
     if expected[0].ndim == 2 and not np.array_equal(actual[0].argmax(1), expected[0].argmax(1)):
         raise ExportError("ONNX and PyTorch predict different classes for some validation images")
     return diffs

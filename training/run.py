@@ -606,8 +606,9 @@ def _export_and_publish(
     export_onnx(module, torch.zeros(2, c, h, w), onnx_path, outputs)
     if config.half_weights:
         store_weights_in_half(onnx_path)
-    diffs = verify_parity(module, onnx_path, data.splits["val"].pixels[:128], spec.input)
-    if EXPLANATION_OUTPUT in outputs:  # probabilities, then the class activation maps
+    explained = EXPLANATION_OUTPUT in outputs  # probabilities, then the class activation maps
+    diffs = verify_parity(module, onnx_path, data.splits["val"].pixels[:128], spec.input, explanation=explained)
+    if explained:
         parity, explanation = diffs[0], explanation_info(module, spec.input, diffs[1])
     else:
         parity, explanation = max(diffs), None

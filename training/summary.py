@@ -48,7 +48,8 @@ def row(card: ModelCard) -> str:
     arch = card.architecture + (" (ImageNet)" if card.training.get("pretrained") else "")
     return " | ".join(
         [f"`{card.name}` v{card.version}", arch, str(card.splits.get("test", "")), *cells, quality,
-         f"{minutes / 60:.0f}" if minutes else "–", reference]
+         f"{minutes / 60:.0f}{' (GPU)' if training.get('device', '').startswith('cuda') else ''}" if minutes else "–",
+         reference]
     )  # fmt: skip
 
 
