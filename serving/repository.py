@@ -104,8 +104,8 @@ def _create_session(
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = _OPTIMIZATION[optimization]
     want_cuda = device != "cpu" and CUDA in ort.get_available_providers()
-    # cuDNN's exhaustive algorithm search runs again for every new input shape (~1 s each): adaptive batches come
-    # in every size from 1 to max_batch_size, so take cuDNN's heuristic choice instead
+    # cuDNN's exhaustive algorithm search runs again for every new input shape, and adaptive batches come in every
+    # size from 1 to max_batch_size: take cuDNN's heuristic choice instead (docs/performance.md, GPU)
     providers = [(CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}), CPU] if want_cuda else [CPU]
     fallback = None
     if device == "auto" and not want_cuda:
