@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from training.mirror import LOG_FLOOR
+from training.mirror import log_mean_probabilities
 
 
 class Ensemble(nn.Module):
@@ -23,5 +23,4 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probabilities = torch.stack([member(x).softmax(dim=1) for member in self.members]).mean(dim=0)
-        return probabilities.clamp_min(LOG_FLOOR).log()
+        return log_mean_probabilities([member(x) for member in self.members])

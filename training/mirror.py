@@ -7,10 +7,17 @@ needs no knowledge of it, and training's evaluation runs the very same computati
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 LOG_FLOOR = 1e-12  # keeps log finite; softmax of the output differs from the mean probabilities by < 1e-11
+
+
+def log_mean_probabilities(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """log of the mean of several predictions' probabilities: what an averaging wrapper returns as its logits."""
+    return torch.stack([z.softmax(dim=1) for z in logits]).mean(dim=0).clamp_min(LOG_FLOOR).log()
 
 
 class MirrorAveraged(nn.Module):
@@ -21,5 +28,4 @@ class MirrorAveraged(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probabilities = (self.model(x).softmax(dim=1) + self.model(x.flip(-1)).softmax(dim=1)) / 2
-        return probabilities.clamp_min(LOG_FLOOR).log()
+        return log_mean_probabilities([self.model(x), self.model(x.flip(-1))])
