@@ -82,12 +82,27 @@ def load_images(folder: str | None, count: int) -> list[tuple[str, bytes, str]]:
     return images
 
 
-def multipart_body(name: str, data: bytes, content_type: str) -> bytes:
-    head = (
+def multipart_body(images: Sequence[tuple[str, bytes, str]]) -> bytes:
+    """One `image` part per (file name, bytes, content type)."""
+    parts = [
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
-        f"Content-Type: {content_type}\r\n\r\n"
-    ).encode()
-    return head + data + f"\r\n--{BOUNDARY}--\r\n".encode()
+        f"Content-Type: {content_type}\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+        for name, data, content_type in images
+    ]
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def write_bodies(images: list[tuple[str, bytes, str]], per_request: int, workdir: Path) -> list[Path]:
+    """Multipart bodies of `per_request` images each, cycling through the images, written for wrk to read."""
+    bodies = []
+    for index in range(len(images)):
+        chosen = [images[(index + offset) % len(images)] for offset in range(per_request)]
+        body = workdir / f"body{per_request}-{index}.bin"
+        body.write_bytes(multipart_body(chosen))
+        bodies.append(body)
+    return bodies
 
 
 def resolve_model(models_dir: Path, name: str, version: str | None) -> tuple[Path, ModelCard]:
@@ -350,6 +365,7 @@ class Run:
     p99_ms: float
     mean_ms: float
     think_ms: float = 0.0
+    images_per_request: int = 1
     adaptive_batch_mean: float | None = None
     ort_batch_mean: float | None = None
     generator_cpu_share: float = 0.0  # of the whole machine
@@ -358,10 +374,11 @@ class Run:
 
 
 class Generator:
-    """wrk, pinned, posting the prebuilt bodies."""
+    """wrk, pinned, posting the prebuilt bodies (each of `images_per_request` images)."""
 
-    def __init__(self, wrk: str, cpus: str, bodies: list[Path], timeout_s: int) -> None:
+    def __init__(self, wrk: str, cpus: str, bodies: list[Path], timeout_s: int, images_per_request: int = 1) -> None:
         self.wrk, self.cpus, self.bodies, self.timeout_s = wrk, cpus, bodies, timeout_s
+        self.images_per_request = images_per_request
 
     def run(self, server: Server, path: str, concurrency: int, seconds: float, think_ms: float = 0.0) -> Run:
         command = [
@@ -387,10 +404,10 @@ class Generator:
         errors = raw["status_errors"] + raw["read_errors"] + raw["write_errors"] + raw["timeouts"]
         ok = raw["requests"] - raw["status_errors"]
         run = Run(
-            server=server.name,
+            server=server.name if self.images_per_request == 1 else f"{server.name}×{self.images_per_request}",
             concurrency=concurrency,
             seconds=round(duration, 2),
-            images_per_s=ok / duration,
+            images_per_s=ok * self.images_per_request / duration,
             ok=ok,
             errors=errors,
             p50_ms=raw["p50_us"] / 1000,
@@ -398,6 +415,7 @@ class Generator:
             p99_ms=raw["p99_us"] / 1000,
             mean_ms=raw["latency_mean_us"] / 1000,
             think_ms=think_ms,
+            images_per_request=self.images_per_request,
             generator_cpu_share=generator_cpu / wall / available_cores(),
             server_cpu_cores=server_cpu / wall,
             raw=raw,
@@ -498,6 +516,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit-seconds", type=float, default=10.0, help="measured seconds of the limit")
     parser.add_argument("--sweep-seconds", type=float, default=2.0, help="seconds per batch size of the limit sweep")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64", help="batch sizes the limit sweeps")
+    parser.add_argument(
+        "--images-per-request",
+        type=int,
+        default=16,
+        help="also load the service's batch route (/{model}/predict/batch) with this many images per request "
+        "(classifiers; 1 or --skip service_batch: not run)",
+    )
     parser.add_argument("--half-connections", type=int, default=16, help="wrk connections of the half-saturation run")
     parser.add_argument(
         "--env",
@@ -512,7 +537,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated parts to leave out: limit, service, naive, naive_tuned, half (for tuning runs)",
+        help="comma-separated parts to leave out: limit, service, service_batch, naive, naive_tuned, half",
     )
     parser.add_argument("--generator-cpus", default=str(max(os.sched_getaffinity(0))), help="taskset list for wrk")
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk", help="wrk binary (Debian: apt-get install wrk)")
@@ -588,12 +613,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="imageai-bench-") as tmp:
         workdir = Path(tmp)
-        bodies = []
-        for index, (name, data, content_type) in enumerate(images):
-            body = workdir / f"body{index}.bin"
-            body.write_bytes(multipart_body(name, data, content_type))
-            bodies.append(body)
-        generator = Generator(args.wrk, args.generator_cpus, bodies, args.timeout)
+        generator = Generator(args.wrk, args.generator_cpus, write_bodies(images, 1, workdir), args.timeout)
+        per_request = args.images_per_request if card.kind == "classifier" and "service_batch" not in skip else 0
+        if per_request > 1:
+            bodies = write_bodies(images, per_request, workdir)
+            batch_generator = Generator(args.wrk, args.generator_cpus, bodies, args.timeout, per_request)
         results: dict[str, list[Run]] = {}
         half: dict[str, Run] = {}
         servers = [("service", lambda: service(folder, card, overrides, workdir))]
@@ -618,6 +642,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     generator, server, path, target_rate, args.half_connections, single_ms, args.seconds
                 )
                 if name == "service":
+                    if per_request > 1:
+                        print(f"\nservice, {per_request} images per request ({path}/batch)\n{HEADER}", flush=True)
+                        results["service_batch"] = sweep(
+                            batch_generator, server, path + "/batch", levels, args.seconds, args.warmup
+                        )
                     report["service_log_tail"] = server.log_tail(4000)
 
     report["runs"] = {name: [asdict(run) for run in runs] for name, runs in results.items()}
@@ -693,6 +722,16 @@ def summarize(report: dict, results: dict[str, list[Run]], half: dict[str, Run])
             f"service/{name} at equal concurrency: "
             + ", ".join(f"c={level}: {value:.2f}" for level, value in by_level.items())
             + f" (goal ≥ {GOALS['service_over_naive']}); peak/peak {ratios[f'service_peak_over_{name}_peak']:.2f}"
+        )
+    batch_runs = results.get("service_batch", [])
+    if batch_runs and "limit" in report:
+        batch_peak = max(batch_runs, key=lambda run: run.images_per_s)
+        value = batch_peak.images_per_s / report["limit"]["images_per_s"]
+        ratios["service_batch_peak"] = {"images_per_s": batch_peak.images_per_s, "concurrency": batch_peak.concurrency}
+        ratios["service_batch_over_limit"] = value
+        print(
+            f"service with {batch_peak.images_per_request} images per request: {batch_peak.images_per_s:.1f} "
+            f"images/s at concurrency {batch_peak.concurrency} = {value:.2f} x the limit"
         )
     single = next((run for run in service_runs if run.concurrency == 1), None)
     if single and "service" in half:

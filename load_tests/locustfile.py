@@ -33,7 +33,7 @@ from sample_images import folder_images, generated_images
 
 logger = logging.getLogger("loadtest")
 
-PREDICTION_KEYS = {"model", "version", "label", "confidence"}
+PREDICTION_KEYS = {"label", "confidence"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # (file name, bytes, content type), read once: every request reuses the bytes, never an open file handle
@@ -63,8 +63,9 @@ class Target:
 
     model: str  # the name the card gives
     path: str
-    route: str  # predict, proba, reconstruct, encode
+    route: str  # predict, proba, predict/batch, reconstruct, encode
     weight: int
+    images: int = 1  # image parts per request
 
 
 TARGETS: list[Target] = []
@@ -83,6 +84,7 @@ def targets_for(models: list[dict], wanted: list[str]) -> list[Target]:
             targets += [Target(name, f"/{public}/encode", "encode", 1)]
         else:
             targets += [Target(name, f"/{name}/predict", "predict", 3), Target(name, f"/{name}/proba", "proba", 1)]
+            targets += [Target(name, f"/{name}/predict/batch", "predict/batch", 1, images=4)]
     return targets
 
 
@@ -113,13 +115,15 @@ def check(target: Target, response) -> str | None:
         body = response.json()
     except ValueError:
         return "the response is not JSON"
-    if body.get("model") != target.model:
-        return f"answered by model {body.get('model')!r}"
+    if body.get("model") != target.model or "version" not in body:
+        return f"answered by model {body.get('model')!r} version {body.get('version')!r}"
+    if target.route == "predict/batch":
+        results = body.get("results") or []
+        if len(results) != target.images:
+            return f"{len(results)} results for {target.images} images"
+        return next(filter(None, (_prediction_problem(result) for result in results)), None)
     if target.route == "predict":
-        missing = PREDICTION_KEYS - body.keys()
-        if missing:
-            return f"the response lacks {sorted(missing)}"
-        return None if 0.0 <= body["confidence"] <= 1.0 else f"implausible prediction {body}"
+        return _prediction_problem(body)
     if target.route == "proba":
         probabilities = body.get("probabilities") or {}
         total = sum(probabilities.values())
@@ -128,18 +132,24 @@ def check(target: Target, response) -> str | None:
     return None if isinstance(code, list) and code else "no code in the response"
 
 
+def _prediction_problem(body: dict) -> str | None:
+    missing = PREDICTION_KEYS - body.keys()
+    if missing:
+        return f"the response lacks {sorted(missing)}: {body}"
+    return None if 0.0 <= body["confidence"] <= 1.0 else f"implausible prediction {body}"
+
+
 class ImageUser(HttpUser):
-    """Uploads an image to a random model route per request, weighted (predict 3 : proba 1 per classifier)."""
+    """Uploads an image to a random model route per request, weighted (per classifier predict 3 : proba 1 : four
+    images to predict/batch 1)."""
 
     wait_time = between(0.0, 0.1)
 
     @task
     def call(self) -> None:
         target = random.choices(TARGETS, weights=[t.weight for t in TARGETS])[0]
-        name, data, content_type = random.choice(IMAGES)
-        with self.client.post(
-            target.path, files={"image": (name, data, content_type)}, name=target.path, catch_response=True
-        ) as response:
+        files = [("image", random.choice(IMAGES)) for _ in range(target.images)]
+        with self.client.post(target.path, files=files, name=target.path, catch_response=True) as response:
             problem = check(target, response)
             if problem:
                 response.failure(problem)

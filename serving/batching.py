@@ -133,17 +133,29 @@ class Batcher:
         With `admit`, refuse it (Overloaded) when the queue already holds more work than the latency budget; a lone
         request is always taken, so that one slow batch cannot shut the service (no batches, no new estimate).
         """
+        [outputs] = await self.infer_many(runner, [tensor], admit)
+        return outputs
+
+    async def infer_many(
+        self, runner: ModelRunner, tensors: Sequence[np.ndarray], admit: bool = True
+    ) -> list[dict[str, np.ndarray]]:
+        """The outputs of several images of one request, admitted or refused together, batched with the rest."""
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._ready = asyncio.Event()
             self._task = loop.create_task(self._loop(), name="imageai-batcher")
-        wait_s = (len(self._queue) + 1) * self._seconds_per_image / self.concurrency
+        wait_s = (len(self._queue) + len(tensors)) * self._seconds_per_image / self.concurrency
         if admit and self._queue and wait_s > self.max_latency_s:
             raise Overloaded
-        pending = _Pending(runner, tensor, loop.create_future(), time.perf_counter())
-        self._queue.append(pending)
+        now = time.perf_counter()
+        pending = [_Pending(runner, tensor, loop.create_future(), now) for tensor in tensors]
+        self._queue.extend(pending)
         self._ready.set()
-        return await pending.future
+        results = await asyncio.gather(*(item.future for item in pending), return_exceptions=True)
+        for result in results:  # every future is awaited, so that no failure goes unretrieved
+            if isinstance(result, BaseException):
+                raise result
+        return results
 
     def _take(self) -> list[_Pending]:
         batch, now = [], time.perf_counter()

@@ -66,6 +66,8 @@ class Settings(BaseModel):
     max_batch_size: int = Field(default=32, ge=2)
     max_latency_ms: int = Field(default=500, ge=10)
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    # images in one /{model}/predict/batch or /proba/batch request (max_upload_bytes caps the whole body)
+    max_images_per_request: int = Field(default=64, ge=1)
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0)
     readiness: Literal["strict", "lenient"] = "strict"
     request_timeout_s: int = Field(default=60, gt=0)

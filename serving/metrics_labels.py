@@ -17,7 +17,7 @@ from typing import Any
 
 logger = logging.getLogger("bentoml.imageai")
 
-PUBLIC_ACTIONS = ("predict", "proba", "explain", "reconstruct", "encode")
+PUBLIC_ACTIONS = ("predict", "proba", "predict/batch", "proba/batch", "explain", "reconstruct", "encode")
 STATIC_PATHS = frozenset(
     {"/", "/docs.json", "/schema.json", "/livez", "/healthz", "/readyz", "/metrics", "/infer", "/models"}
     | {"/openapi-public.json", "/ui", "/v2", "/v2/health/live", "/v2/health/ready"}

@@ -45,6 +45,25 @@ _UPLOAD = {
         }
     },
 }
+_BATCH_UPLOAD = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["image"],
+                "properties": {
+                    "image": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "PNG, JPEG or DICOM files, one `image` part each, at most "
+                        "IMAGEAI_MAX_IMAGES_PER_REQUEST (64)",
+                    }
+                },
+            }
+        }
+    },
+}
 _MODEL_HEADER = {"model": {"type": "string"}, "version": {"type": "string"}}
 _RESULTS = {
     "predict": {
@@ -98,6 +117,33 @@ _RESULTS = {
         "properties": {**_MODEL_HEADER, "code": {"type": "array", "items": {"type": "number"}}},
     },
 }
+
+
+def _batch_result(action: str) -> dict[str, Any]:
+    """One result per image, in order: the single-image answer's fields, or an error of that image alone."""
+    header_fields = ("model", "version", "threshold")
+    single = _RESULTS[action]["properties"]
+    per_image = {key: value for key, value in single.items() if key not in header_fields}
+    result = {
+        "type": "object",
+        "required": ["filename"],
+        "properties": {
+            "filename": {"type": "string", "nullable": True},
+            **per_image,
+            "error": _ERROR_SCHEMA["properties"]["error"],
+        },
+    }
+    return {
+        "type": "object",
+        "required": ["model", "version", "results"],
+        "properties": {
+            **{key: value for key, value in single.items() if key in header_fields},
+            "results": {"type": "array", "items": result},
+        },
+    }
+
+
+_RESULTS |= {"predict_batch": _batch_result("predict"), "proba_batch": _batch_result("proba")}
 _SUMMARIES = {
     "predict": "The label (threshold on the positive class for binary models, else argmax) and its probability",
     "proba": "The probability of every class",
@@ -105,6 +151,10 @@ _SUMMARIES = {
     "(or Accept: image/png) a PNG of the map over the image the model saw",
     "reconstruct": "The autoencoder's reconstruction, a PNG at the model's input size",
     "encode": "The autoencoder's code vector",
+    "predict_batch": "Several images in one request (repeated `image` parts): the predict answer of each, in order; "
+    "an image that cannot be decoded gets its own `error` and does not fail the others",
+    "proba_batch": "Several images in one request (repeated `image` parts): the probabilities of each, in order; "
+    "an image that cannot be decoded gets its own `error` and does not fail the others",
 }
 
 
@@ -154,7 +204,7 @@ def _operation(action: str, parameter: str, names: list[str]) -> dict[str, Any]:
             "summary": _SUMMARIES[action],
             "operationId": action,
             "parameters": parameters,
-            "requestBody": _UPLOAD,
+            "requestBody": _BATCH_UPLOAD if action.endswith("_batch") else _UPLOAD,
             "responses": responses,
         }
     }
@@ -198,6 +248,8 @@ def openapi_document(repository: ModelRepository) -> dict[str, Any]:
             },
             "/{model}/predict": _operation("predict", "model", classifiers),
             "/{model}/proba": _operation("proba", "model", classifiers),
+            "/{model}/predict/batch": _operation("predict_batch", "model", classifiers),
+            "/{model}/proba/batch": _operation("proba_batch", "model", classifiers),
             "/{model}/explain": _operation("explain", "model", classifiers),
             "/{name}/reconstruct": _operation("reconstruct", "name", autoencoders),
             "/{name}/encode": _operation("encode", "name", autoencoders),

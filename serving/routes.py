@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,6 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException
 from PIL import Image
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
@@ -111,39 +111,47 @@ async def bounded_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _read_upload(request: Request) -> tuple[bytes, str]:
-    """The bytes and declared media type of the multipart file field `image`, refusing oversized bodies unread."""
+@dataclass(frozen=True)
+class Upload:
+    data: bytes
+    media_type: str
+    filename: str | None
+
+
+async def _uploads(request: Request, max_files: int) -> list[Upload]:
+    """The file fields `image` of a multipart body, refusing oversized bodies unread."""
     limit = current_service().settings.max_upload_bytes
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", f"send multipart/form-data with a file field {UPLOAD_FIELD!r}")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "payload_too_large", f"the request body is over the limit of {limit} bytes")
-    parser = MultiPartParser(request.headers, bounded_stream(request, limit), max_files=4, max_fields=16)
+    parser = MultiPartParser(request.headers, bounded_stream(request, limit), max_files=max_files, max_fields=16)
     try:
         form = await parser.parse()
     except MultiPartException as error:
         raise ApiError(400, "invalid_multipart", f"the multipart body cannot be parsed: {error.message}") from None
     try:
-        upload = form.get(UPLOAD_FIELD)
-        if isinstance(upload, str):
+        fields = form.getlist(UPLOAD_FIELD)
+        if any(isinstance(field, str) for field in fields):
             raise ApiError(400, "missing_image", f"{UPLOAD_FIELD!r} is a text field; send the image as a file")
-        if not isinstance(upload, UploadFile):
+        if not fields:
             raise ApiError(400, "missing_image", f"the request has no file field named {UPLOAD_FIELD!r}")
-        return await upload.read(), (upload.content_type or "").split(";")[0].strip().lower()
+        return [
+            Upload(await field.read(), (field.content_type or "").split(";")[0].strip().lower(), field.filename)
+            for field in fields
+        ]
     finally:
         await form.close()
 
 
-async def _decoded(request: Request, spec: InputSpec, convert: Callable[..., np.ndarray]) -> np.ndarray:
-    """The upload through `convert` (preprocess, or load_pixels), in a thread; decoding problems become 4xx.
+def _convert(convert: Callable[..., np.ndarray], upload: Upload, spec: InputSpec, max_pixels: int) -> np.ndarray:
+    """`convert` (preprocess, or load_pixels) on one upload; decoding problems become 4xx.
 
     DICOM is recognised by its content, or by the part's declared type application/dicom (files without preamble).
     """
-    data, media_type = await _read_upload(request)
-    dicom = media_type == DICOM_MEDIA_TYPE
     try:
-        return await anyio.to_thread.run_sync(convert, data, spec, current_service().settings.max_pixels, dicom)
+        return convert(upload.data, spec, max_pixels, upload.media_type == DICOM_MEDIA_TYPE)
     except TooManyPixels as error:
         raise ApiError(413, error.code, str(error)) from None
     except ImageError as error:
@@ -153,28 +161,54 @@ async def _decoded(request: Request, spec: InputSpec, convert: Callable[..., np.
         raise ApiError(422, ImageError.code, "the image could not be converted to the model's input") from None
 
 
+def _convert_each(uploads: list[Upload], spec: InputSpec, max_pixels: int) -> list[np.ndarray | ApiError]:
+    """Preprocess the images of a batch request; a bad image is an error of its own, not of the request."""
+    converted: list[np.ndarray | ApiError] = []
+    for upload in uploads:
+        try:
+            converted.append(_convert(preprocess, upload, spec, max_pixels))
+        except ApiError as error:
+            converted.append(error)
+    return converted
+
+
+async def _decoded(request: Request, spec: InputSpec, convert: Callable[..., np.ndarray]) -> np.ndarray:
+    """The (last) upload of a single-image request through `convert`, in a thread."""
+    upload = (await _uploads(request, max_files=4))[-1]
+    max_pixels = current_service().settings.max_pixels
+    return await anyio.to_thread.run_sync(_convert, convert, upload, spec, max_pixels)
+
+
 async def _tensor(request: Request, spec: InputSpec) -> np.ndarray:
     return await _decoded(request, spec, preprocess)
 
 
 async def infer_one(runner: ModelRunner, tensor: np.ndarray) -> dict[str, np.ndarray]:
-    """One image through the batcher: in-process (IMAGEAI_BATCHING=direct) or BentoML's dispatcher (bentoml)."""
+    [outputs] = await infer_many(runner, [tensor])
+    return outputs
+
+
+async def infer_many(runner: ModelRunner, tensors: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Images of one request through the batcher: in-process (IMAGEAI_BATCHING=direct) or BentoML's dispatcher."""
     message = "the server is too busy to answer in time; retry shortly"
     batcher = current_service().batcher
     if batcher is not None:
         try:
-            return await batcher.infer(runner, tensor)
+            return await batcher.infer_many(runner, tensors)
         except Overloaded:
             raise ApiError(503, "overloaded", message, {"Retry-After": "1"}) from None
     try:
-        [result] = await current_service().to_async.infer([InferItem.of(runner.card.name, tensor)])
+        results = await current_service().to_async.infer([InferItem.of(runner.card.name, t) for t in tensors])
     except BentoMLException as error:
         if error.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
             raise ApiError(503, "overloaded", message, {"Retry-After": "1"}) from None
         raise
-    if result.error is not None:
-        raise RuntimeError(f"batched inference failed: {result.error}")
-    return {name: np.asarray(values, dtype=np.float32) for name, values in result.outputs.items()}
+    for result in results:
+        if result.error is not None:
+            raise RuntimeError(f"batched inference failed: {result.error}")
+    return [
+        {name: np.asarray(values, dtype=np.float32) for name, values in result.outputs.items()} for result in results
+    ]
 
 
 def by_class(card: ModelCard, probabilities: np.ndarray) -> dict[str, float]:
@@ -214,29 +248,70 @@ async def public_openapi(request: Request) -> Response:
     return JSONResponse(openapi_document(current_service().repository))
 
 
-@_endpoint
-async def predict(request: Request) -> Response:
+def _prediction(card: ModelCard, probabilities: np.ndarray) -> dict[str, Any]:
+    label, confidence = decide(card, probabilities)
+    return {"label": label, "confidence": confidence}
+
+
+def _probabilities(card: ModelCard, probabilities: np.ndarray) -> dict[str, Any]:
+    return {"probabilities": by_class(card, probabilities)}
+
+
+Answer = Callable[[ModelCard, np.ndarray], dict[str, Any]]  # the fields of one image's answer: _prediction, ...
+
+
+def _model_header(card: ModelCard, with_threshold: bool) -> dict[str, Any]:
+    """The fields every answer of a model starts with; predictions also name the decision threshold, if any."""
+    header: dict[str, Any] = {"model": card.name, "version": card.version}
+    if with_threshold and card.threshold is not None:
+        header["threshold"] = card.threshold
+    return header
+
+
+async def _answer_one(request: Request, answer: Answer) -> Response:
     runner = _classifier(request)
     card = runner.card
     probabilities = (await infer_one(runner, await _tensor(request, card.input)))[CLASSIFIER_OUTPUT]
-    label, confidence = decide(card, probabilities)
-    body: dict[str, Any] = {
-        "model": card.name,
-        "version": card.version,
-        "label": label,
-        "confidence": confidence,
-    }
-    if card.threshold is not None:
-        body["threshold"] = card.threshold
-    return JSONResponse(body)
+    return JSONResponse({**_model_header(card, with_threshold=answer is _prediction), **answer(card, probabilities)})
+
+
+async def _answer_batch(request: Request, answer: Answer) -> Response:
+    """Up to IMAGEAI_MAX_IMAGES_PER_REQUEST images in one request: one result per image, in order, each with its
+    file name; an image that cannot be decoded gets its own error and does not fail the others."""
+    runner = _classifier(request)
+    card = runner.card
+    settings = current_service().settings
+    uploads = await _uploads(request, max_files=settings.max_images_per_request)
+    converted = await anyio.to_thread.run_sync(_convert_each, uploads, card.input, settings.max_pixels)
+    tensors = [item for item in converted if not isinstance(item, ApiError)]
+    outputs = iter(await infer_many(runner, tensors) if tensors else [])
+    results: list[dict[str, Any]] = []
+    for upload, item in zip(uploads, converted, strict=True):
+        if isinstance(item, ApiError):
+            results.append({"filename": upload.filename, "error": {"code": item.code, "message": item.message}})
+        else:
+            results.append({"filename": upload.filename, **answer(card, next(outputs)[CLASSIFIER_OUTPUT])})
+    return JSONResponse({**_model_header(card, with_threshold=answer is _prediction), "results": results})
+
+
+@_endpoint
+async def predict(request: Request) -> Response:
+    return await _answer_one(request, _prediction)
 
 
 @_endpoint
 async def proba(request: Request) -> Response:
-    runner = _classifier(request)
-    card = runner.card
-    probabilities = (await infer_one(runner, await _tensor(request, card.input)))[CLASSIFIER_OUTPUT]
-    return JSONResponse({"model": card.name, "version": card.version, "probabilities": by_class(card, probabilities)})
+    return await _answer_one(request, _probabilities)
+
+
+@_endpoint
+async def predict_batch(request: Request) -> Response:
+    return await _answer_batch(request, _prediction)
+
+
+@_endpoint
+async def proba_batch(request: Request) -> Response:
+    return await _answer_batch(request, _probabilities)
 
 
 @_endpoint
@@ -291,17 +366,14 @@ async def explain(request: Request) -> Response:
     pixels = await _decoded(request, card.input, load_pixels)
     outputs = await _explained(runner.explainer, normalize(pixels, card.input))
     probabilities = outputs[CLASSIFIER_OUTPUT].ravel()
-    label, confidence = decide(card, probabilities)
+    prediction = _prediction(card, probabilities)
+    label = prediction["label"]
     maps = outputs[card.explanation.output].reshape(len(card.classes), card.input.height, card.input.width)
     heat = scaled_map(maps[card.classes.index(label)])
     if as_png:
         headers = {"X-Model": card.name, "X-Model-Version": card.version, "X-Label": label}
         return Response(overlay_png(pixels, heat), media_type="image/png", headers=headers)
-    body: dict[str, Any] = {"model": card.name, "version": card.version, "label": label, "confidence": confidence}
-    if card.threshold is not None:
-        body["threshold"] = card.threshold
-    body["probabilities"] = by_class(card, probabilities)
-    body["explanation"] = {
+    explanation = {
         "method": card.explanation.method,
         "layer": card.explanation.layer,
         "class": label,
@@ -309,7 +381,14 @@ async def explain(request: Request) -> Response:
         "width": card.input.width,
         "map": np.round(heat, 4).tolist(),
     }
-    return JSONResponse(body)
+    return JSONResponse(
+        {
+            **_model_header(card, with_threshold=True),
+            **prediction,
+            **_probabilities(card, probabilities),
+            "explanation": explanation,
+        }
+    )
 
 
 @_endpoint
@@ -330,6 +409,8 @@ ROUTES = [
     Route("/openapi-public.json", public_openapi, methods=["GET"]),
     Route("/{model}/predict", predict, methods=["POST"]),
     Route("/{model}/proba", proba, methods=["POST"]),
+    Route("/{model}/predict/batch", predict_batch, methods=["POST"]),
+    Route("/{model}/proba/batch", proba_batch, methods=["POST"]),
     Route("/{model}/explain", explain, methods=["POST"]),
     Route("/{name}/reconstruct", reconstruct, methods=["POST"]),
     Route("/{name}/encode", encode, methods=["POST"]),

@@ -92,6 +92,26 @@ def test_requests_that_would_miss_the_deadline_are_shed(repository: ModelReposit
     assert isinstance(results[0], dict) and shed and len(shed) < len(results)
 
 
+def test_the_images_of_one_request_are_admitted_or_refused_together(repository: ModelRepository) -> None:
+    runner = Slow(repository.get("chest_xray").runner, seconds=0.1)  # 0.025 s per image in batches of 4
+    batcher = Batcher(max_batch_size=4, max_latency_ms=200)
+    shades = [np.full((1, 16, 16), s, np.float32) for s in np.linspace(0, 1, 6, dtype=np.float32)]
+
+    async def calls() -> tuple[list[dict[str, np.ndarray]], object]:
+        many = await batcher.infer_many(runner, shades)  # alone: taken, and split into batches of at most 4
+        busy = asyncio.ensure_future(batcher.infer_many(runner, shades + shades[:2]))  # 2 batches, 0.2 s
+        await asyncio.sleep(0)
+        refused = await asyncio.gather(batcher.infer_many(runner, shades), return_exceptions=True)
+        await busy
+        return many, refused[0]
+
+    many, refused = asyncio.run(calls())
+    batcher.close()
+    assert runner.sizes[:2] == [4, 2] and isinstance(refused, Overloaded)
+    expected = repository.get("chest_xray").runner.run(np.stack(shades))["probabilities"]
+    np.testing.assert_allclose([result["probabilities"] for result in many], expected, atol=1e-6)
+
+
 def test_one_slow_batch_cannot_shut_the_batcher(repository: ModelRepository) -> None:
     """After a batch far over the latency budget (a cold GPU kernel), a lone request is still taken and the cost
     estimate recovers; warm-up (admit=False) is never shed."""

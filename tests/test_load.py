@@ -34,7 +34,8 @@ def test_load_runner_smoke_run_passes_its_gates(model_repository: Path) -> None:
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "load test passed" in result.stderr
-    for route in ("/chest_xray/predict", "/chest_xray/proba", "/rgb/predict", "/mnist/reconstruct", "/mnist/encode"):
+    routes = ("/chest_xray/predict", "/chest_xray/proba", "/chest_xray/predict/batch", "/rgb/predict", "/mnist/encode")
+    for route in (*routes, "/mnist/reconstruct"):
         assert route in result.stdout + result.stderr  # Locust's summary table, one row per route
 
 
@@ -71,3 +72,27 @@ def test_session_memory_compares_the_arena_on_and_off(model_repository: Path) ->
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert [line.split()[1] for line in lines] == ["on", "off"] and all("resident" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_serving_benchmark_runs_every_part(model_repository: Path, tmp_path: Path) -> None:
+    """`load_tests/bench.py` end to end on a test model, briefly: the limit, the service with one image and with
+    several per request, both naive servers, half saturation, and the ratios in its JSON (needs Debian's wrk)."""
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable, "load_tests/bench.py", "--models-dir", str(model_repository), "--model", "chest_xray",
+        "--concurrency", "1,4", "--seconds", "1", "--warmup", "0", "--limit-seconds", "1", "--sweep-seconds", "0.3",
+        "--batch-sizes", "1,8", "--images-per-request", "4", "--count", "8", "--half-connections", "4",
+        "--env", "IMAGEAI_WORKERS=1", "--out", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"service", "service_batch", "naive", "naive_tuned"}
+    for runs in report["runs"].values():
+        assert [run["concurrency"] for run in runs] == [1, 4]
+        assert all(run["ok"] > 0 and run["errors"] == 0 for run in runs)
+    assert {run["images_per_request"] for run in report["runs"]["service_batch"]} == {4}
+    ratios = report["ratios"]
+    for key in ("service_over_limit", "service_batch_over_limit", "p99_half_over_single"):
+        assert ratios[key] > 0, key

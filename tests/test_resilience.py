@@ -201,6 +201,8 @@ def test_limits_are_on_by_default() -> None:
         ("/chest_xray/predict", "/chest_xray/predict"),
         ("/mnist/reconstruct", "/mnist/reconstruct"),
         ("/whatever123/predict", "/{unknown}/predict"),
+        ("/chest_xray/proba/batch", "/chest_xray/proba/batch"),
+        ("/whatever123/predict/batch", "/{unknown}/predict/batch"),
         ("/a/b/c/predict", "/{unmatched}"),
         ("/random-404", "/{unmatched}"),
         ("/readyz", "/readyz"),

@@ -228,6 +228,46 @@ def test_predict_and_proba(server: Server, png: PNG) -> None:
 
 
 @pytest.mark.slow
+def test_batch_routes_answer_each_image_in_order(server: Server, png: PNG) -> None:
+    """Several `image` parts in one request: one result per image, as the single-image routes answer, in order;
+    a bad image gets its own error and its neighbours are still answered."""
+    uploads = [
+        ("image", ("dark.png", png(10), "image/png")),
+        ("image", ("broken.png", b"not an image", "image/png")),
+        ("image", ("light.png", png(245), "image/png")),
+    ]
+    before = _batch_histogram(server, "chest_xray")
+    response = httpx.post(server.url + "/chest_xray/predict/batch", files=uploads, timeout=30)
+    after = _batch_histogram(server, "chest_xray")
+    assert response.status_code == 200, response.text
+    images_run, calls, _ = (now - then for now, then in zip(after, before, strict=True))
+    assert (images_run, calls) == (2, 1)  # the two good images ran as one batch
+    body = response.json()
+    assert (body["model"], body["version"], body["threshold"]) == ("chest_xray", "2", 0.5)
+    dark, broken, light = body["results"]
+    single = _post(server, "/chest_xray/predict", png(10)).json()
+    assert dark == {"filename": "dark.png", "label": single["label"], "confidence": pytest.approx(single["confidence"])}
+    assert broken["filename"] == "broken.png" and broken["error"]["code"] == "invalid_image"
+    assert light["label"] == "normal"
+
+    proba = httpx.post(server.url + "/rgb/proba/batch", files=uploads[:1] * 3, timeout=30).json()
+    assert [result["filename"] for result in proba["results"]] == ["dark.png"] * 3 and "threshold" not in proba
+    assert all(sum(result["probabilities"].values()) == pytest.approx(1.0) for result in proba["results"])
+
+    too_many = httpx.post(server.url + "/rgb/proba/batch", files=uploads[:1] * 65, timeout=30)
+    assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "invalid_multipart"
+    assert "64" in too_many.json()["error"]["message"]
+    text_field = {"data": {"image": "text"}, "files": {"other": ("a.png", png(0), "image/png")}}
+    for route, status, code in [
+        ("/chest_xray/predict/batch", 400, "missing_image"),
+        ("/nope/proba/batch", 404, "unknown_model"),
+        ("/mnist_autoencoder/predict/batch", 404, "unknown_model"),
+    ]:
+        response = httpx.post(server.url + route, timeout=30, **text_field)  # type: ignore[arg-type]
+        assert (response.status_code, response.json()["error"]["code"]) == (status, code), route
+
+
+@pytest.mark.slow
 def test_models_listing(server: Server) -> None:
     models = {model["name"]: model for model in httpx.get(server.url + "/models").json()["models"]}
     assert set(models) == {"chest_xray", "mnist_autoencoder", "rgb", "tampered"}

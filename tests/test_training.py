@@ -169,6 +169,37 @@ def test_checkpoints_export_as_one_ensemble(tmp_path: Path, caplog: pytest.LogCa
     np.testing.assert_allclose(session.run(None, {"input": x})[0], expected, atol=2e-3)
 
 
+def test_an_ensemble_member_trained_at_another_size_sees_its_own_size(tmp_path: Path) -> None:
+    """A member whose run trained at 24 px joins a 32-px ensemble: the graph resizes the input to 24 for it."""
+    import onnxruntime as ort
+    import torch.nn.functional as functional
+
+    from training.architectures import create_model
+
+    data = make_image_folder(tmp_path / "data", ["COVID", "NORMAL"], per_class=12, size=40)
+    checkpoints, members = [], []
+    for size in (32, 24):
+        assert train("covid", data, tmp_path / str(size), "--arch", "compact_cnn", "--image-size", str(size),
+                     "--no-export") == 0  # fmt: skip
+        checkpoints.append(str(next((tmp_path / str(size) / "runs" / "covid").glob("*/best.pt"))))
+        member = create_model("compact_cnn", in_chans=1, num_classes=2, image_size=size, pretrained=False).eval()
+        member.load_state_dict(torch.load(checkpoints[-1], weights_only=True)["state_dict"])
+        members.append(member)
+    common = ["--arch", "compact_cnn", "--image-size", "32", "--epochs", "0", "--checkpoint", *checkpoints]
+    assert train("covid", data, tmp_path, *common) == 0
+    card = assert_published(tmp_path / "models", "covid", "classifier")
+    assert card.architecture.endswith("member 2 trained at 24 px, its input resized in the graph")
+
+    x = torch.from_numpy(np.random.default_rng(0).random((4, 1, 32, 32), dtype=np.float32))
+    small = functional.interpolate(x, size=(24, 24), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        expected = ((members[0](x).softmax(1) + members[1](small).softmax(1)) / 2).numpy()
+    session = ort.InferenceSession(str(tmp_path / "models/covid/1/model.onnx"), providers=["CPUExecutionProvider"])
+    probabilities, cam = session.run(None, {"input": x.numpy()})
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert cam.shape == (4, 2, 32, 32) and np.isfinite(cam).all()
+
+
 def test_checkpoint_best_can_monitor_validation_accuracy(tmp_path: Path) -> None:
     import csv
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from contract.card import ExplanationInfo, InputSpec
 from training.architectures.cnn import GaussianDropout
-from training.ensemble import Ensemble
+from training.ensemble import Ensemble, Resized, resize
 from training.export import WithSoftmax
 from training.mirror import MirrorAveraged
 
@@ -156,10 +156,27 @@ class EnsembleExplained(nn.Module):
         return torch.stack(probabilities).mean(dim=0), torch.stack(cams).mean(dim=0)
 
 
+class ResizedExplained(nn.Module):
+    """:class:`Explained` for a :class:`~training.ensemble.Resized` member: its maps resized back to the input."""
+
+    def __init__(self, explained: nn.Module, height: int, width: int) -> None:
+        super().__init__()
+        self.explained, self.height, self.width = explained, height, width
+
+    @property
+    def features(self) -> nn.Sequential:
+        return self.explained.features
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probabilities, cam = self.explained(resize(x, self.height, self.width))
+        return probabilities, resize(cam, *x.shape[-2:])
+
+
 def explainable(model: nn.Module, num_classes: int) -> nn.Module | None:
     """`model` with a class-activation-map output, or None when its head is not piecewise linear after a spatial map.
 
-    The result is an :class:`Explained`, or a wrapper of them (:class:`MirrorExplained`, :class:`EnsembleExplained`).
+    The result is an :class:`Explained`, or a wrapper of them (:class:`MirrorExplained`, :class:`EnsembleExplained`,
+    :class:`ResizedExplained`).
     """
     if isinstance(model, MirrorAveraged):
         inner = explainable(model.model, num_classes)
@@ -167,6 +184,9 @@ def explainable(model: nn.Module, num_classes: int) -> nn.Module | None:
     if isinstance(model, Ensemble):
         members = [explainable(member, num_classes) for member in model.members]
         return EnsembleExplained(members).eval() if all(m is not None for m in members) else None
+    if isinstance(model, Resized):
+        inner = explainable(model.model, num_classes)
+        return ResizedExplained(inner, model.height, model.width).eval() if inner is not None else None
     parts = _split(model)
     return Explained(*parts, num_classes).eval() if parts is not None else None
 
@@ -189,6 +209,8 @@ def explanation_info(explained: nn.Module, spec: InputSpec, parity: float) -> Ex
     while not isinstance(explained, Explained):
         if isinstance(explained, MirrorExplained):
             means.append("of the image's map and its mirror image's map, flipped back")
+            explained = explained.explained
+        elif isinstance(explained, ResizedExplained):
             explained = explained.explained
         else:
             means.append(f"over the {len(explained.members)} ensemble members")

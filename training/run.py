@@ -38,7 +38,7 @@ from training.engine import (
     predict,
     reconstruction,
 )
-from training.ensemble import Ensemble
+from training.ensemble import Ensemble, Resized
 from training.evaluate import (
     choose_threshold,
     classification_metrics,
@@ -404,27 +404,40 @@ def train_classifier(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir: 
 def adopt_members(
     model: nn.Module, spec: TaskSpec, config: RunConfig, num_classes: int, run_dir: Path, device: torch.device
 ) -> tuple[nn.Module, FitResult, str]:
-    """--checkpoint ... --epochs 0: the one checkpoint's model, or the ensemble of several; with its result and arch."""
+    """--checkpoint ... --epochs 0: the one checkpoint's model, or the ensemble of several; with its result and arch.
+
+    A member whose run trained at another (square) input size than this run's is built at that size and wrapped in
+    :class:`~training.ensemble.Resized`, which resizes the ensemble's input to it inside the graph.
+    """
     if len(config.checkpoints) == 1:
         return model, adopt_checkpoint(model, Path(config.checkpoints[0]), run_dir, device), config.arch
-    members = [model] + [
-        create_model(
+    size = (spec.input.height, spec.input.width)
+    arch = f"ensemble of {len(config.checkpoints)} x {config.arch}"
+    members, results = [], []
+    for index, path in enumerate(map(Path, config.checkpoints), start=1):
+        trained = _trained_image_size(path) or spec.input.height
+        member = create_model(
             config.arch,
             in_chans=spec.input.channels,
             num_classes=num_classes,
-            image_size=spec.input.height,
+            image_size=trained,
             pretrained=False,
             **config.arch_options,
         )
-        for _ in config.checkpoints[1:]
-    ]
-    results = [
-        adopt_checkpoint(member, Path(path), run_dir, device, prefix=f"member{index}-")
-        for index, (member, path) in enumerate(zip(members, config.checkpoints, strict=True), start=1)
-    ]
-    log.info("ensemble of %d %s checkpoints", len(members), config.arch)
+        results.append(adopt_checkpoint(member, path, run_dir, device, prefix=f"member{index}-"))
+        if (trained, trained) != size:
+            member = Resized(member, trained, trained)
+            arch += f"; member {index} trained at {trained} px, its input resized in the graph"
+        members.append(member)
+    log.info("%s", arch)
     result = replace(results[0], seconds=sum(r.seconds for r in results))
-    return Ensemble(members), result, f"ensemble of {len(members)} x {config.arch}"
+    return Ensemble(members), result, arch
+
+
+def _trained_image_size(checkpoint: Path) -> int | None:
+    """The input size a checkpoint's run trained at, from the run's config.json beside it (None without one)."""
+    config = checkpoint.with_name("config.json")
+    return json.loads(config.read_text()).get("image_size") if config.exists() else None
 
 
 def finish_classifier(spec, config, data, run_dir, device, model, result, name, arch, extra_test_metrics=None) -> dict:
