@@ -111,7 +111,8 @@ class Batcher:
 
     Each batch runs in its own inference thread (onnxruntime's run is thread-safe), so that with single-threaded
     sessions one process can keep several cores busy. Shedding: a request is refused with :class:`Overloaded` when
-    the images queued ahead of it would take longer than ``max_latency_ms`` at the measured cost per image, and
+    the images queued ahead of it would take longer than ``max_latency_ms`` at each model's measured cost per image
+    (a queue of 0.6-ms chest X-rays and 80-ms emotion ensembles is not judged by one average), and
     dropped when it has already waited that long before its batch starts. Batches of several models run as one
     onnxruntime call per model, one after another.
     """
@@ -125,7 +126,8 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="imageai-infer")
-        self._seconds_per_image = 0.0  # moving average over batches (wall time / images); 0 until the first batch
+        # per runner: moving average over its batches of wall time / images; unknown (0) until its first batch
+        self._seconds_per_image: dict[int, float] = {}
 
     async def infer(self, runner: ModelRunner, tensor: np.ndarray, admit: bool = True) -> dict[str, np.ndarray]:
         """The outputs of one image (C, H, W), computed in a batch with whatever else is queued.
@@ -133,29 +135,39 @@ class Batcher:
         With `admit`, refuse it (Overloaded) when the queue already holds more work than the latency budget; a lone
         request is always taken, so that one slow batch cannot shut the service (no batches, no new estimate).
         """
-        [outputs] = await self.infer_many(runner, [tensor], admit)
-        return outputs
+        [pending] = self._enqueue(runner, [tensor], admit)
+        return await pending.future
 
     async def infer_many(
         self, runner: ModelRunner, tensors: Sequence[np.ndarray], admit: bool = True
     ) -> list[dict[str, np.ndarray]]:
         """The outputs of several images of one request, admitted or refused together, batched with the rest."""
-        loop = asyncio.get_running_loop()
-        if self._task is None or self._task.done():
-            self._ready = asyncio.Event()
-            self._task = loop.create_task(self._loop(), name="imageai-batcher")
-        wait_s = (len(self._queue) + len(tensors)) * self._seconds_per_image / self.concurrency
-        if admit and self._queue and wait_s > self.max_latency_s:
-            raise Overloaded
-        now = time.perf_counter()
-        pending = [_Pending(runner, tensor, loop.create_future(), now) for tensor in tensors]
-        self._queue.extend(pending)
-        self._ready.set()
+        pending = self._enqueue(runner, tensors, admit)
         results = await asyncio.gather(*(item.future for item in pending), return_exceptions=True)
         for result in results:  # every future is awaited, so that no failure goes unretrieved
             if isinstance(result, BaseException):
                 raise result
         return results
+
+    def _enqueue(self, runner: ModelRunner, tensors: Sequence[np.ndarray], admit: bool) -> list[_Pending]:
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done():
+            self._ready = asyncio.Event()
+            self._task = loop.create_task(self._loop(), name="imageai-batcher")
+        ahead = sum(self._seconds_per_image.get(id(pending.runner), 0.0) for pending in self._queue)
+        wait_s = (ahead + len(tensors) * self._seconds_per_image.get(id(runner), 0.0)) / self.concurrency
+        if admit and self._queue and wait_s > self._budget(runner):
+            raise Overloaded
+        now = time.perf_counter()
+        pending = [_Pending(runner, tensor, loop.create_future(), now) for tensor in tensors]
+        self._queue.extend(pending)
+        self._ready.set()
+        return pending
+
+    def _budget(self, runner: ModelRunner) -> float:
+        """The latency budget of a model's requests: max_latency_ms, but never less than one full batch of it, so
+        that a slow model (emotion's ensemble: ~80 ms per image on one core) can still fill its batches."""
+        return max(self.max_latency_s, self.max_batch_size * self._seconds_per_image.get(id(runner), 0.0))
 
     def _take(self) -> list[_Pending]:
         batch, now = [], time.perf_counter()
@@ -163,7 +175,7 @@ class Batcher:
             pending = self._queue.popleft()
             if pending.future.done():  # the client went away
                 continue
-            if now - pending.enqueued > self.max_latency_s:
+            if now - pending.enqueued > self._budget(pending.runner):
                 pending.future.set_exception(Overloaded())
                 continue
             batch.append(pending)
@@ -186,16 +198,15 @@ class Batcher:
         self._ready.set()  # a slot is free: take what queued meanwhile
 
     async def _run(self, batch: list[_Pending]) -> None:
-        started = time.perf_counter()
+        timings: dict[int, float] = {}
         try:
             items = [(pending.runner, pending.tensor) for pending in batch]
-            results = await asyncio.get_running_loop().run_in_executor(self._executor, run_arrays, items)
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, run_arrays, items, timings)
         except Exception as error:  # run_arrays catches per model; this is a bug, fail the batch alone
             results = [error] * len(batch)
-        per_image = (time.perf_counter() - started) / len(batch)
-        self._seconds_per_image = (
-            per_image if not self._seconds_per_image else (0.8 * self._seconds_per_image + 0.2 * per_image)
-        )
+        for key, per_image in timings.items():
+            known = self._seconds_per_image.get(key)
+            self._seconds_per_image[key] = per_image if known is None else 0.8 * known + 0.2 * per_image
         for pending, result in zip(batch, results, strict=True):
             if pending.future.done():
                 continue
@@ -210,8 +221,13 @@ class Batcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def run_arrays(items: Sequence[tuple[ModelRunner, np.ndarray]]) -> list[dict[str, np.ndarray] | Exception]:
-    """Run (model, tensor) items as one onnxruntime call per model; a failing model fails only its own items."""
+def run_arrays(
+    items: Sequence[tuple[ModelRunner, np.ndarray]], timings: dict[int, float] | None = None
+) -> list[dict[str, np.ndarray] | Exception]:
+    """Run (model, tensor) items as one onnxruntime call per model; a failing model fails only its own items.
+
+    `timings` receives each runner's seconds per image in this call, keyed by ``id(runner)``.
+    """
     results: list[dict[str, np.ndarray] | Exception] = [RuntimeError("not run")] * len(items)
     groups: dict[int, list[int]] = defaultdict(list)
     for index, (runner, _) in enumerate(items):
@@ -219,6 +235,7 @@ def run_arrays(items: Sequence[tuple[ModelRunner, np.ndarray]]) -> list[dict[str
     for indices in groups.values():
         runner = items[indices[0]][0]
         MODEL_BATCH_SIZE.labels(model=runner.card.name).observe(len(indices))
+        started = time.perf_counter()
         try:
             outputs = runner.run(np.stack([items[index][1] for index in indices]))
         except Exception:
@@ -226,6 +243,8 @@ def run_arrays(items: Sequence[tuple[ModelRunner, np.ndarray]]) -> list[dict[str
             for index in indices:
                 results[index] = RuntimeError("inference failed")
             continue
+        if timings is not None:
+            timings[id(runner)] = (time.perf_counter() - started) / len(indices)
         for row, index in enumerate(indices):
             results[index] = {name: value[row].ravel() for name, value in outputs.items()}
     return results

@@ -112,6 +112,27 @@ def test_the_images_of_one_request_are_admitted_or_refused_together(repository: 
     np.testing.assert_allclose([result["probabilities"] for result in many], expected, atol=1e-6)
 
 
+def test_admission_judges_each_model_by_its_own_cost(repository: ModelRepository) -> None:
+    """Twenty queued images of a fast model fit a 100-ms budget; a slow model (0.2 s per image) gets one full batch
+    of its own as budget (2 images, 0.4 s), and a third image waiting would exceed it."""
+    slow = Slow(repository.get("rgb").runner, seconds=0.2)
+    fast = Slow(repository.get("chest_xray").runner, seconds=0.0)
+    batcher = Batcher(max_batch_size=2, max_latency_ms=100)
+    color, gray = np.zeros((3, 8, 8), np.float32), np.zeros((1, 16, 16), np.float32)
+
+    async def calls() -> tuple[list[object], list[object]]:
+        await batcher.infer(slow, color)  # both costs learnt
+        await batcher.infer(fast, gray)
+        fast_ones = await asyncio.gather(*(batcher.infer(fast, gray) for _ in range(20)), return_exceptions=True)
+        slow_ones = await asyncio.gather(*(batcher.infer(slow, color) for _ in range(3)), return_exceptions=True)
+        return fast_ones, slow_ones
+
+    fast_ones, slow_ones = asyncio.run(calls())
+    batcher.close()
+    assert all(isinstance(result, dict) for result in fast_ones)
+    assert [type(result) for result in slow_ones] == [dict, dict, Overloaded]
+
+
 def test_one_slow_batch_cannot_shut_the_batcher(repository: ModelRepository) -> None:
     """After a batch far over the latency budget (a cold GPU kernel), a lone request is still taken and the cost
     estimate recovers; warm-up (admit=False) is never shed."""
