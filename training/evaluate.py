@@ -100,6 +100,25 @@ def classification_metrics(
     return result
 
 
+def held_out_metrics(
+    val_labels: np.ndarray,
+    val_probs: np.ndarray,
+    test_labels: np.ndarray,
+    test_probs: np.ndarray,
+    classes: list[str],
+    positive: int | None,
+    threshold: float | None,
+) -> dict:
+    """The card's `test` and `val` metrics; binary models also report the argmax accuracy beside the threshold's."""
+    metrics = {
+        "test": classification_metrics(test_labels, test_probs, classes, positive, threshold),
+        "val": classification_metrics(val_labels, val_probs, classes, positive, threshold),
+    }
+    if positive is not None:
+        metrics["test"]["argmax_accuracy"] = float((test_probs.argmax(1) == test_labels).mean())
+    return metrics
+
+
 # --- plots -----------------------------------------------------------------------------------------------------------
 
 
@@ -153,6 +172,15 @@ def plot_curves(
         fig.tight_layout()
         fig.savefig(out_dir / f"{kind}.png", dpi=110)
         plt.close(fig)
+
+
+def plot_test_results(
+    labels: np.ndarray, probs: np.ndarray, classes: list[str], positive: int | None, metrics: dict, out_dir: Path,
+    title: str,
+) -> None:  # fmt: skip
+    """The report's test-split plots: roc.png, pr.png and confusion.png in `out_dir`."""
+    plot_curves(labels, probs, classes, positive, out_dir, title)
+    plot_confusion(metrics["test"]["confusion_matrix"], classes, out_dir / "confusion.png", title)
 
 
 def plot_confusion(cm: list[list[int]], classes: list[str], out: Path, title: str) -> None:

@@ -30,7 +30,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from contract.card import INT8_MAX_ACCURACY_DROP, ModelCard, QuantizedInfo, sha256_file
 from contract.preprocessing import normalize
 from training import tasks
-from training.data import DataError, load_dataset
+from training.data import DataError, Dataset, load_dataset
 
 log = logging.getLogger("training.quantize")
 INT8_FILE = "model.int8.onnx"
@@ -75,6 +75,20 @@ def _explanation_only_nodes(graph: onnx.GraphProto, output: str) -> list[str]:
 
     others = set().union(*(ancestors(o.name) for o in graph.output if o.name != output))
     return sorted(ancestors(output) - others)
+
+
+def card_dataset(card: ModelCard, data_root: Path, cache_dir: Path, seed: int | None = None) -> Dataset:
+    """The splits the card's model was trained and tested on, rebuilt from `data_root` (the fingerprint must match)."""
+    spec = tasks.get_task(card.task).with_overrides(input=card.input)
+    seed = int(card.training.get("seed", 0)) if seed is None else seed
+    data = load_dataset(spec, data_root, seed=seed, cache_dir=cache_dir)
+    expected = card.dataset.get("fingerprint")
+    if expected and data.fingerprint != expected:
+        raise DataError(
+            "the dataset differs from the one this model was trained and tested on (fingerprint mismatch): "
+            "pass the same --data (and the --seed of training)"
+        )
+    return data
 
 
 def session(path: Path, threads: int = 0) -> ort.InferenceSession:
@@ -142,15 +156,8 @@ def quantize(
     card = ModelCard.load(folder)
     if card.kind != "classifier":
         raise QuantizeError(f"{card.name} is an {card.kind}; int8 quantization is judged by accuracy: classifiers only")
-    spec = tasks.get_task(card.task).with_overrides(input=card.input)
     seed = int(card.training.get("seed", 0)) if seed is None else seed
-    data = load_dataset(spec, data_root, seed=seed, cache_dir=cache_dir)
-    expected = card.dataset.get("fingerprint")
-    if expected and data.fingerprint != expected:
-        raise QuantizeError(
-            "the dataset differs from the one this model was trained and tested on (fingerprint mismatch): "
-            "pass the same --data (and the --seed of training)"
-        )
+    data = card_dataset(card, data_root, cache_dir, seed)
     val, test = data.splits["val"], data.splits["test"]
     rng = np.random.default_rng(seed)
     calibration = val.pixels[np.sort(rng.permutation(len(val))[:calibration_images])]

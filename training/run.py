@@ -41,11 +41,10 @@ from training.engine import (
 from training.ensemble import Ensemble, Resized
 from training.evaluate import (
     choose_threshold,
-    classification_metrics,
-    plot_confusion,
-    plot_curves,
+    held_out_metrics,
     plot_history,
     plot_reconstructions,
+    plot_test_results,
 )
 from training.explain import EXPLANATION_OUTPUT, classifier_graph, explanation_info
 from training.export import (
@@ -460,9 +459,9 @@ def finish_classifier(spec, config, data, run_dir, device, model, result, name, 
             data.splits["val"].labels == positive, val_probs[:, positive], spec.min_sensitivity
         )
     test_labels = data.splits["test"].labels
-    metrics = {
-        "test": classification_metrics(test_labels, test_probs, classes, positive, threshold),
-        "val": classification_metrics(data.splits["val"].labels, val_probs, classes, positive, threshold),
+    val_labels = data.splits["val"].labels
+    metrics = held_out_metrics(val_labels, val_probs, test_labels, test_probs, classes, positive, threshold)
+    metrics |= {
         "training": {
             "best_epoch": result.best_epoch,
             "epochs_run": result.epochs_run,
@@ -476,15 +475,12 @@ def finish_classifier(spec, config, data, run_dir, device, model, result, name, 
         },
     }
     metrics["test"].update(extra_test_metrics or {})
-    if positive is not None:
-        metrics["test"]["argmax_accuracy"] = float((test_probs.argmax(1) == test_labels).mean())
     plot_history(
         result.checkpoint.with_name(result.checkpoint.stem.replace("best", "history") + ".csv"),
         run_dir / "curves.png",
         name,
     )
-    plot_curves(test_labels, test_probs, classes, positive, run_dir, name)
-    plot_confusion(metrics["test"]["confusion_matrix"], classes, run_dir / "confusion.png", name)
+    plot_test_results(test_labels, test_probs, classes, positive, metrics, run_dir, name)
     fields = _card_fields(spec, config, data, model, metrics, "classifier", name, classes, threshold, rule, arch)
     _write_report(run_dir, fields, metrics)
     if config.export:
