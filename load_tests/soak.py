@@ -38,9 +38,16 @@ def targets(url: str) -> list[dict[str, Any]]:
             continue
         spec = model["card"]["input"]
         size = min(512, max(64, 2 * spec["height"]))
-        actions = ("predict", "proba") if model["card"]["kind"] == "classifier" else ("reconstruct", "encode")
+        classifier = model["card"]["kind"] == "classifier"
+        actions = ("predict", "proba", "predict/batch") if classifier else ("reconstruct", "encode")
         found += [
-            {"path": f"/{model['name']}/{action}", "channels": spec["channels"], "size": size} for action in actions
+            {
+                "path": f"/{model['name']}/{action}",
+                "channels": spec["channels"],
+                "size": size,
+                "images": 4 if action.endswith("/batch") else 1,
+            }
+            for action in actions
         ]
     if not found:
         raise SystemExit("no ready model to soak")

@@ -1,8 +1,9 @@
 """Locust users for the soak run (driven by load_tests/soak.py; not meant to be run alone).
 
-Every user sends a uniform mix over every route of every ready model (predict and proba for classifiers,
-reconstruct and encode for autoencoders) with generated images fitting each model's input. Environment:
-  SOAK_TARGETS     JSON list of {"path", "channels", "size"}, from GET /models (written by soak.py)
+Every user sends a uniform mix over every route of every ready model (predict, proba and predict/batch with four
+images for classifiers, reconstruct and encode for autoencoders) with generated images fitting each model's input.
+Environment:
+  SOAK_TARGETS     JSON list of {"path", "channels", "size", "images"}, from GET /models (written by soak.py)
   SOAK_USER_RPS    requests per second per user (0: as fast as possible, the saturation probe)
   SOAK_REPORT      where to write the per-minute JSON report: requests, failures by status, latency percentiles
 """
@@ -103,10 +104,9 @@ class SoakUser(HttpUser):
 
     @task
     def call(self) -> None:
-        path = random.choice(TARGETS)["path"]
-        name, data, content_type = random.choice(UPLOADS[path])
-        with self.client.post(
-            path, files={"image": (name, data, content_type)}, name=path, catch_response=True, timeout=60
-        ) as response:
+        target = random.choice(TARGETS)
+        path = target["path"]
+        files = [("image", random.choice(UPLOADS[path])) for _ in range(target.get("images", 1))]
+        with self.client.post(path, files=files, name=path, catch_response=True, timeout=60) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:120]}")

@@ -156,7 +156,7 @@ class Batcher:
             self._task = loop.create_task(self._loop(), name="imageai-batcher")
         ahead = sum(self._seconds_per_image.get(id(pending.runner), 0.0) for pending in self._queue)
         wait_s = (ahead + len(tensors) * self._seconds_per_image.get(id(runner), 0.0)) / self.concurrency
-        if admit and self._queue and wait_s > self._budget(runner):
+        if admit and self._queue and wait_s > self._budget():
             raise Overloaded
         now = time.perf_counter()
         pending = [_Pending(runner, tensor, loop.create_future(), now) for tensor in tensors]
@@ -164,18 +164,19 @@ class Batcher:
         self._ready.set()
         return pending
 
-    def _budget(self, runner: ModelRunner) -> float:
-        """The latency budget of a model's requests: max_latency_ms, but never less than one full batch of it, so
-        that a slow model (emotion's ensemble: ~80 ms per image on one core) can still fill its batches."""
-        return max(self.max_latency_s, self.max_batch_size * self._seconds_per_image.get(id(runner), 0.0))
+    def _budget(self) -> float:
+        """How long a request may wait: max_latency_ms, but never less than one full batch of the slowest model this
+        worker has run. The queue is shared by every model, so any request may stand behind such a batch; a shorter
+        budget would shed requests at ordinary load (emotion's ensemble: ~80 ms per image, 2.6 s per batch of 32)."""
+        return max(self.max_latency_s, self.max_batch_size * max(self._seconds_per_image.values(), default=0.0))
 
     def _take(self) -> list[_Pending]:
-        batch, now = [], time.perf_counter()
+        batch, now, budget = [], time.perf_counter(), self._budget()
         while self._queue and len(batch) < self.max_batch_size:
             pending = self._queue.popleft()
             if pending.future.done():  # the client went away
                 continue
-            if now - pending.enqueued > self._budget(pending.runner):
+            if now - pending.enqueued > budget:
                 pending.future.set_exception(Overloaded())
                 continue
             batch.append(pending)

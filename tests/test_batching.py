@@ -113,8 +113,9 @@ def test_the_images_of_one_request_are_admitted_or_refused_together(repository: 
 
 
 def test_admission_judges_each_model_by_its_own_cost(repository: ModelRepository) -> None:
-    """Twenty queued images of a fast model fit a 100-ms budget; a slow model (0.2 s per image) gets one full batch
-    of its own as budget (2 images, 0.4 s), and a third image waiting would exceed it."""
+    """The work ahead is each queued image at its own model's cost: twenty images of a fast model fit the budget,
+    which is one full batch of the slowest model (2 images at 0.2 s: 0.4 s, over the 100 ms asked for), while a third
+    image of the slow one would exceed it."""
     slow = Slow(repository.get("rgb").runner, seconds=0.2)
     fast = Slow(repository.get("chest_xray").runner, seconds=0.0)
     batcher = Batcher(max_batch_size=2, max_latency_ms=100)
