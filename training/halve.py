@@ -3,7 +3,7 @@
     python -m training.halve covid --data ../shared/datasets/covid
 
 ``training.run --half-weights`` does this at export, from the checkpoint; this tool does it for a model already in
-the repository, without the checkpoint and without torch. The graph's large weights are stored in float16 behind
+the repository, without its checkpoint. The graph's large weights are stored in float16 behind
 Cast nodes (:func:`training.export.store_weights_in_half`: about half the file; onnxruntime folds the casts at load,
 so inference still runs in float32 on the rounded weights). The new version is evaluated with onnxruntime on the
 card's validation and test splits (rebuilt from ``--data``; the dataset fingerprint must match) with the card's
@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.card import CARD_FILE, ModelCard, sha256_file
+from contract.card import ModelCard, sha256_file
 from training.data import DataError
 from training.evaluate import held_out_metrics, plot_test_results
 from training.export import next_version, store_weights_in_half
+from training.published import add_published_model_arguments, published_model_folder
 from training.quantize import card_dataset, probabilities, session
 
 log = logging.getLogger("training.halve")
@@ -38,7 +39,8 @@ class HalveError(RuntimeError):
 
 def halve(folder: Path, data_root: Path, cache_dir: Path = Path(".cache")) -> Path:
     """Publish `folder`'s model with float16 weight storage as the next version; returns the new folder."""
-    card = ModelCard.load(folder)
+    original = ModelCard.load(folder)
+    card = original.model_copy(deep=True)
     if card.kind != "classifier":
         raise HalveError(f"{card.name} is an {card.kind}; the tool re-judges classifiers by their metrics")
     if card.training.get("half_weights"):
@@ -83,8 +85,7 @@ def halve(folder: Path, data_root: Path, cache_dir: Path = Path(".cache")) -> Pa
         "(was %.4f); largest probability change %.1e",
         target, card.name, card.version, (target / card.onnx.file).stat().st_size / 1e6,
         (folder / card.onnx.file).stat().st_size / 1e6, metrics["test"]["accuracy"],
-        ModelCard.load(folder).metrics["test"]["accuracy"], metrics["val"]["accuracy"],
-        ModelCard.load(folder).metrics["val"]["accuracy"], change,
+        original.metrics["test"]["accuracy"], metrics["val"]["accuracy"], original.metrics["val"]["accuracy"], change,
     )  # fmt: skip
     return target
 
@@ -96,22 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("model", help="model name in the repository")
-    parser.add_argument("--data", required=True, type=Path, help="the dataset root the model was trained on")
-    parser.add_argument("--models-dir", type=Path, default=Path("models"), help="model repository")
-    parser.add_argument("--version", help="model version (default: the highest)")
-    parser.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="decoded-image cache")
+    add_published_model_arguments(parser)
     args = parser.parse_args(argv)
-    versions = sorted((p.name for p in (args.models_dir / args.model).glob("*") if p.name.isdigit()), key=int)
-    if not versions:
-        log.error("no versions of %s in %s", args.model, args.models_dir)
-        return 2
-    folder = args.models_dir / args.model / (args.version or versions[-1])
-    if not (folder / CARD_FILE).exists():
-        log.error("%s has no model card", folder)
-        return 2
     try:
-        halve(folder, args.data, args.cache_dir)
+        halve(published_model_folder(args), args.data, args.cache_dir)
     except (HalveError, DataError, FileNotFoundError, ValueError) as error:
         log.error("%s", error)
         return 2

@@ -31,6 +31,7 @@ from contract.card import INT8_MAX_ACCURACY_DROP, ModelCard, QuantizedInfo, sha2
 from contract.preprocessing import normalize
 from training import tasks
 from training.data import DataError, Dataset, load_dataset
+from training.published import add_published_model_arguments, published_model_folder
 
 log = logging.getLogger("training.quantize")
 INT8_FILE = "model.int8.onnx"
@@ -231,25 +232,16 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("model", help="model name in the repository")
-    parser.add_argument("--data", required=True, type=Path, help="the dataset root the model was trained on")
-    parser.add_argument("--models-dir", type=Path, default=Path("models"), help="model repository")
-    parser.add_argument("--version", help="model version (default: the highest)")
+    add_published_model_arguments(parser)
     parser.add_argument("--calibration-images", type=int, default=256, help="validation images to calibrate on")
     parser.add_argument("--method", choices=sorted(METHODS), default="minmax", help="calibration method")
     parser.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True, help="per-channel")
     parser.add_argument("--min-speedup", type=float, default=1.1, help="serve int8 only if at least this much faster")
     parser.add_argument("--seed", type=int, help="split seed (default: the one the card records)")
-    parser.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="decoded-image cache")
     args = parser.parse_args(argv)
-    versions = sorted((p.name for p in (args.models_dir / args.model).glob("*") if p.name.isdigit()), key=int)
-    if not versions:
-        log.error("no versions of %s in %s", args.model, args.models_dir)
-        return 2
-    folder = args.models_dir / args.model / (args.version or versions[-1])
     try:
         quantize(
-            folder,
+            published_model_folder(args),
             args.data,
             calibration_images=args.calibration_images,
             method=args.method,
