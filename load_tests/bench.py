@@ -41,7 +41,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,6 +57,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from local_service import free_port  # noqa: E402
 from sample_images import folder_images, generated_images  # noqa: E402
 
 from contract.card import ModelCard  # noqa: E402
@@ -216,12 +216,6 @@ def run_limit(folder: Path, settings: Settings, images: list[bytes], phases: lis
 
 
 # ------------------------------------------------------------------------------------------------ servers
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:

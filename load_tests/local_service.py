@@ -7,6 +7,7 @@ the others from being measured).
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,7 +22,26 @@ BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A free local port below the kernel's ephemeral range.
+
+    BentoML finds its internal ports (the process manager's control endpoint) by binding port 0, which may hand out
+    the very port just found free here and released: the service then fails to start with "Address already in use"
+    (seen in CI). Ports below the ephemeral range are never handed out that way.
+    """
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    candidates = list(range(10_000, ephemeral_low))
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # no low port free: the kernel's choice
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 

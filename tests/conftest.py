@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from contract.card import (  # noqa: E402
     TensorSpec,
     sha256_file,
 )
+from load_tests.local_service import free_port  # noqa: E402  (re-exported for the tests)
 
 OPSET = 17
 BIN = Path(sys.executable).parent
@@ -247,12 +247,6 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(models_dir: Path, workdir: Path, **settings: str) -> Server:
