@@ -112,7 +112,7 @@ class Batcher:
     Each batch runs in its own inference thread (onnxruntime's run is thread-safe), so that with single-threaded
     sessions one process can keep several cores busy. Shedding: a request is refused with :class:`Overloaded` when
     the images queued ahead of it would take longer than ``max_latency_ms`` at each model's measured cost per image
-    (a queue of 0.6-ms chest X-rays and 80-ms emotion ensembles is not judged by one average), and
+    (a queue of 1-ms chest X-rays and 70-ms emotion ensembles is not judged by one average), and
     dropped when it has already waited that long before its batch starts. Batches of several models run as one
     onnxruntime call per model, one after another.
     """
@@ -167,7 +167,7 @@ class Batcher:
     def _budget(self) -> float:
         """How long a request may wait: max_latency_ms, but never less than one full batch of the slowest model this
         worker has run. The queue is shared by every model, so any request may stand behind such a batch; a shorter
-        budget would shed requests at ordinary load (emotion's ensemble: ~80 ms per image, 2.6 s per batch of 32)."""
+        budget would shed requests at ordinary load (emotion's ensemble: 60-70 ms per image, ~2 s per batch of 32)."""
         return max(self.max_latency_s, self.max_batch_size * max(self._seconds_per_image.values(), default=0.0))
 
     def _take(self) -> list[_Pending]:
