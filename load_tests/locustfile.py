@@ -5,9 +5,9 @@
         --images data/samples --csv runs/load     # against a running service
 
 Scenarios: the models come from GET /models at the start (every ready one, or those named by --model). Each user
-picks a model and route at random per request: classifiers get predict and proba mixed 3 : 1, autoencoders
-reconstruct and encode 1 : 1 (MNIST through `/mnist/reconstruct`, the name users call). Every answer is checked
-(JSON keys and ranges, or a PNG), and statistics are kept per model and route.
+picks a model and route at random per request: classifiers get predict, proba and predict/batch (four images) mixed
+3 : 1 : 1, autoencoders reconstruct and encode 1 : 1 (MNIST through `/mnist/reconstruct`, the name users call).
+Every answer is checked (JSON keys and ranges, or a PNG), and statistics are kept per model and route.
 
 Options (each also an environment variable):
   --images DIR          LOADTEST_IMAGES          PNG/JPEG files to upload (default: generated grayscale PNGs)
