@@ -20,7 +20,7 @@ test: $(DEV_VENV)/.installed
 loadtest: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python load_tests/run_load.py $(LOADTEST_ARGS)
 
-# Throughput against the limit and a naive server (needs Debian's wrk), and the training-pipeline benchmark
+# Throughput against the limit and a naive server (needs Debian's wrk); training: load_tests/train_bench.py
 bench: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python load_tests/bench.py --out runs/bench.json $(BENCH_ARGS)
 

@@ -60,7 +60,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, dicom: bool 
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"the image header could not be read: the file is truncated or corrupt ({error})") from None
     if image.format not in ACCEPTED_FORMATS:
-        raise ImageError(f"unsupported image format {image.format}; send PNG or JPEG")
+        raise ImageError(f"unsupported image format {image.format}; send PNG, JPEG, BMP, TIFF, WebP or DICOM")
     width, height = image.size
     if width * height > max_pixels:
         raise TooManyPixels(f"the image has {width}x{height} pixels, over the limit of {max_pixels}")

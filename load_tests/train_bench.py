@@ -58,7 +58,7 @@ def _loader(pipeline: str, args: argparse.Namespace):
 
     inp = spec.input
     steps: list = [v2.Grayscale(1) if inp.channels == 1 else v2.RGB(), v2.Resize((inp.height, inp.width))]
-    augmentation = build_augmentation(spec.augment, inp.height == inp.width)
+    augmentation = build_augmentation(spec.augment, (inp.height, inp.width))
     if augmentation is not None:
         steps.append(augmentation)
     steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]

@@ -48,11 +48,13 @@ def test_sixteen_bit_matches_eight_bit() -> None:
 
 def test_exif_orientation_is_applied() -> None:
     upright = gradient(size=(40, 20))
-    rotated = upright.transpose(Image.Transpose.ROTATE_90)  # stored sideways ...
+    rotated = upright.transpose(Image.Transpose.ROTATE_90)  # stored turned 90° counter-clockwise ...
     exif = Image.Exif()
-    exif[0x0112] = 8  # ... and tagged "rotate 90 CW to display"
+    exif[0x0112] = 6  # ... and tagged "rotate 90° clockwise to display"
     decoded = decode_image(encode(rotated, "JPEG", exif=exif, quality=95))
     assert decoded.size == upright.size
+    error = np.abs(np.asarray(decoded, dtype=int) - np.asarray(upright, dtype=int)).mean()
+    assert error < 4  # upright, not turned the wrong way (which would mirror the gradient: error ≈ 128)
 
 
 def test_rgba_is_composited_on_black() -> None:

@@ -169,8 +169,9 @@ def test_checkpoints_export_as_one_ensemble(tmp_path: Path, caplog: pytest.LogCa
     np.testing.assert_allclose(session.run(None, {"input": x})[0], expected, atol=2e-3)
 
 
-def test_an_ensemble_member_trained_at_another_size_sees_its_own_size(tmp_path: Path) -> None:
-    """A member whose run trained at 24 px joins a 32-px ensemble: the graph resizes the input to 24 for it."""
+def test_an_ensemble_member_is_built_as_its_run_built_it(tmp_path: Path) -> None:
+    """A member whose run trained at 24 px with 3 stages joins a 32-px ensemble of 4-stage nets: it is built with 3
+    stages, and the graph resizes the input to 24 px for it."""
     import onnxruntime as ort
     import torch.nn.functional as functional
 
@@ -178,17 +179,21 @@ def test_an_ensemble_member_trained_at_another_size_sees_its_own_size(tmp_path: 
 
     data = make_image_folder(tmp_path / "data", ["COVID", "NORMAL"], per_class=12, size=40)
     checkpoints, members = [], []
-    for size in (32, 24):
+    for size, depth in ((32, 4), (24, 3)):
         assert train("covid", data, tmp_path / str(size), "--arch", "compact_cnn", "--image-size", str(size),
-                     "--no-export") == 0  # fmt: skip
+                     "--depth", str(depth), "--no-export") == 0  # fmt: skip
         checkpoints.append(str(next((tmp_path / str(size) / "runs" / "covid").glob("*/best.pt"))))
-        member = create_model("compact_cnn", in_chans=1, num_classes=2, image_size=size, pretrained=False).eval()
+        member = create_model("compact_cnn", in_chans=1, num_classes=2, image_size=size, pretrained=False, depth=depth)
+        member.eval()
         member.load_state_dict(torch.load(checkpoints[-1], weights_only=True)["state_dict"])
         members.append(member)
-    common = ["--arch", "compact_cnn", "--image-size", "32", "--epochs", "0", "--checkpoint", *checkpoints]
+    common = ["--arch", "compact_cnn", "--image-size", "32", "--depth", "4", "--epochs", "0"]
+    common += ["--checkpoint", *checkpoints]
     assert train("covid", data, tmp_path, *common) == 0
     card = assert_published(tmp_path / "models", "covid", "classifier")
-    assert card.architecture.endswith("member 2 trained at 24 px, its input resized in the graph")
+    assert card.architecture == (
+        "ensemble of 2 x compact_cnn; member 2 with depth=3; member 2 trained at 24 px, its input resized in the graph"
+    )
 
     x = torch.from_numpy(np.random.default_rng(0).random((4, 1, 32, 32), dtype=np.float32))
     small = functional.interpolate(x, size=(24, 24), mode="bilinear", align_corners=False)
@@ -234,19 +239,40 @@ def test_photometric_augmentation_and_random_erasing() -> None:
 
     image = torch.full((1, 32, 32), 128, dtype=torch.uint8)
     torch.manual_seed(0)
-    erased = build_augmentation(Augment(erasing=1.0), square=True)(image)
+    erased = build_augmentation(Augment(erasing=1.0), (32, 32))(image)
     assert erased.dtype == torch.uint8 and erased.shape == image.shape
     assert (erased == 0).any() and (erased == 128).any()  # one rectangle blanked, the rest untouched
-    jitter = build_augmentation(Augment(brightness=0.5, contrast=0.5), square=True)
+    jitter = build_augmentation(Augment(brightness=0.5, contrast=0.5), (32, 32))
     assert len({float(jitter(image).float().mean()) for _ in range(8)}) > 1
     spec, _ = run.resolve(run.parse_args(["emotion", "--data", "x", "--augment", "erasing=0.25"]))
     assert spec.augment.erasing == 0.25
+
+
+def test_random_resized_crop_keeps_the_input_size() -> None:
+    from training.engine import build_augmentation
+    from training.tasks import Augment
+
+    image = torch.arange(3 * 40 * 32, dtype=torch.float32).reshape(3, 40, 32).to(torch.uint8)
+    torch.manual_seed(0)
+    crop = build_augmentation(Augment(crop=0.3), (40, 32))
+    views = [crop(image) for _ in range(4)]
+    assert all(v.shape == image.shape and v.dtype == torch.uint8 for v in views)
+    assert any(not torch.equal(v, image) for v in views)  # a patch, zoomed back to the full size
 
 
 @pytest.mark.parametrize("setting", ["optimizer=lion", "no_such_key=1", "plateau_patience=", "epochs=ten"])
 def test_bad_recipe_override_is_a_clear_error(setting: str, caplog: pytest.LogCaptureFixture) -> None:
     assert run.main(["emotion", "--data", "x", "--recipe", setting]) == 2
     assert "--recipe" in caplog.text
+
+
+def test_an_option_the_architecture_lacks_fails_before_any_data_is_read(caplog: pytest.LogCaptureFixture) -> None:
+    # covid's default architecture is the pretrained Lite0, which has no depth: --depth needs --arch covid_cnn
+    assert run.main(["covid", "--data", "no/such/folder", "--depth", "3"]) == 2
+    assert "--arch efficientnet_lite0 has no option --depth; it takes --freeze" in caplog.text
+    assert "no/such/folder" not in caplog.text
+    spec, config = run.resolve(run.parse_args(["covid", "--data", "x", "--arch", "covid_cnn", "--depth", "3"]))
+    assert config.arch_options == {"depth": 3}
 
 
 def test_compare_writes_one_table(tmp_path: Path) -> None:

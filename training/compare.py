@@ -2,7 +2,7 @@
 
 python -m training.compare emotion --data ../shared/datasets/emotion --vary arch emotion_alexnet emotion_vgg mobilenet
 python -m training.compare cats_dogs --data ../shared/datasets/cats_dogs --vary augment on off -- --arch compact_cnn
-python -m training.compare covid --data ../shared/datasets/covid --vary depth 1 2 3 4 5 -- --epochs 5
+python -m training.compare covid --data ../shared/datasets/covid --vary depth 1 2 3 4 5 -- --arch covid_cnn --epochs 5
 """
 
 from __future__ import annotations

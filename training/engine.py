@@ -28,8 +28,11 @@ from training.tasks import Augment, Recipe
 log = logging.getLogger(__name__)
 
 
-def build_augmentation(augment: Augment, square: bool) -> v2.Transform | None:
+def build_augmentation(augment: Augment, size: tuple[int, int]) -> v2.Transform | None:
     steps: list[v2.Transform] = []
+    square = size[0] == size[1]
+    if augment.crop:
+        steps.append(v2.RandomResizedCrop(size, scale=(augment.crop, 1.0), antialias=True))
     if augment.right_angles and square:
         steps.append(v2.RandomChoice([v2.RandomRotation((a, a)) for a in (0, 90, 180, 270)]))
     if augment.rotation or augment.shift or augment.shear or augment.zoom:
@@ -87,7 +90,7 @@ def make_loader(
     split: Split, spec: InputSpec, batch_size: int, augment: Augment | None, workers: int, shuffle: bool, seed: int
 ) -> DataLoader:
     """Batches of `split`; under torchrun, of this rank's share of it (training.distributed.sampler)."""
-    transform = build_augmentation(augment, spec.height == spec.width) if augment else None
+    transform = build_augmentation(augment, (spec.height, spec.width)) if augment else None
     dataset = PixelDataset(split, transform)
     sampler = distributed.sampler(dataset, shuffle, seed)
     return DataLoader(

@@ -3,7 +3,7 @@
 Members trained with different augmentation, learning rates or seeds make different mistakes, so the mean of their
 probabilities is usually more accurate than any of them (emotion: two EfficientNet-Lite0 runs at 0.628 and 0.625 test
 accuracy, 0.647 together). ``training.run --checkpoint A.pt B.pt ... --epochs 0`` evaluates and exports one.
-Members may have trained at another input size than the ensemble's (:class:`Resized`).
+Members may differ in architecture, options and input size (a member of another size: :class:`Resized`).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from contract.preprocessing import normalize
 from training import architectures, distributed, tasks
-from training.architectures import count_parameters, create_model
+from training.architectures import count_parameters, create_model, model_options
 from training.architectures.autoencoder import CodeClassifier
 from training.data import DataError, Dataset, load_dataset
 from training.engine import (
@@ -208,15 +208,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         nargs="+",
         help="start from this best.pt (weights only); with --epochs 0, evaluate and export it without training. "
-        "Several, with --epochs 0: evaluate and export their ensemble (the mean of their probabilities; all of this "
-        "run's --arch and --image-size). Autoencoder tasks: a run's best-autoencoder.pt, with --epochs 0; its "
+        "Several, with --epochs 0: evaluate and export their ensemble (the mean of their probabilities; each member "
+        "built as its run's config.json says, a member of another input size fed a resized input inside the graph). "
+        "Autoencoder tasks: a run's best-autoencoder.pt, with --epochs 0; its "
         "classifier checkpoints are read from the same folder",
     )
     parser.add_argument(
         "--half-weights",
         action="store_true",
         help="classifiers: store the exported weights in float16, half the file (an ensemble of four Lite0 takes "
-        "28 MB instead of 56); they are rounded before evaluation and inference still computes in float32",
+        "33 MB instead of 57); they are rounded before evaluation and inference still computes in float32",
     )
     parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard in the run folder")
     return parser.parse_args(argv)
@@ -281,6 +282,10 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
         value = getattr(args, option)
         if value is not None:
             options[option] = value
+    unknown = sorted(set(options) - set(model_options(arch)))
+    if unknown:  # said now, not after the dataset has been decoded
+        takes = ", ".join(f"--{o}" for o in model_options(arch)) or "none of them"
+        raise ValueError(f"--arch {arch} has no option --{unknown[0]}; it takes {takes}")
     # another architecture than the task's starts from scratch unless --pretrained says otherwise
     pretrained = (spec.pretrained and arch == spec.arch) if args.pretrained is None else args.pretrained
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -405,38 +410,44 @@ def adopt_members(
 ) -> tuple[nn.Module, FitResult, str]:
     """--checkpoint ... --epochs 0: the one checkpoint's model, or the ensemble of several; with its result and arch.
 
-    A member whose run trained at another (square) input size than this run's is built at that size and wrapped in
-    :class:`~training.ensemble.Resized`, which resizes the ensemble's input to it inside the graph.
+    Each member is built as its own run built it (architecture, options, input size: the run's config.json beside the
+    checkpoint; this run's settings where there is none). A member trained at another (square) input size than this
+    run's is wrapped in :class:`~training.ensemble.Resized`, which resizes the ensemble's input to it in the graph.
     """
     if len(config.checkpoints) == 1:
         return model, adopt_checkpoint(model, Path(config.checkpoints[0]), run_dir, device), config.arch
     size = (spec.input.height, spec.input.width)
-    arch = f"ensemble of {len(config.checkpoints)} x {config.arch}"
-    members, results = [], []
+    members, results, archs, notes = [], [], [], []
     for index, path in enumerate(map(Path, config.checkpoints), start=1):
-        trained = _trained_image_size(path) or spec.input.height
+        arch, options, trained = _member_build(path, config)
         member = create_model(
-            config.arch,
-            in_chans=spec.input.channels,
-            num_classes=num_classes,
-            image_size=trained,
-            pretrained=False,
-            **config.arch_options,
+            arch, in_chans=spec.input.channels, num_classes=num_classes, image_size=trained, pretrained=False, **options
         )
         results.append(adopt_checkpoint(member, path, run_dir, device, prefix=f"member{index}-"))
+        archs.append(arch)
+        if options != config.arch_options:
+            notes.append(f"member {index} with {', '.join(f'{k}={v}' for k, v in sorted(options.items()))}")
         if (trained, trained) != size:
             member = Resized(member, trained, trained)
-            arch += f"; member {index} trained at {trained} px, its input resized in the graph"
+            notes.append(f"member {index} trained at {trained} px, its input resized in the graph")
         members.append(member)
-    log.info("%s", arch)
+    same = len(set(archs)) == 1
+    description = f"ensemble of {len(archs)} x {archs[0]}" if same else f"ensemble of {' + '.join(archs)}"
+    description = "; ".join([description, *notes])
+    log.info("%s", description)
     result = replace(results[0], seconds=sum(r.seconds for r in results))
-    return Ensemble(members), result, arch
+    return Ensemble(members), result, description
 
 
-def _trained_image_size(checkpoint: Path) -> int | None:
-    """The input size a checkpoint's run trained at, from the run's config.json beside it (None without one)."""
-    config = checkpoint.with_name("config.json")
-    return json.loads(config.read_text()).get("image_size") if config.exists() else None
+def _member_build(checkpoint: Path, config: RunConfig) -> tuple[str, dict, int]:
+    """How a checkpoint's run built its model: architecture, options and input size, from the run's config.json."""
+    path = checkpoint.with_name("config.json")
+    run = json.loads(path.read_text()) if path.exists() else {}
+    return (
+        run.get("arch", config.arch),
+        run.get("arch_options", config.arch_options),
+        run.get("image_size", config.image_size),
+    )
 
 
 def finish_classifier(spec, config, data, run_dir, device, model, result, name, arch, extra_test_metrics=None) -> dict:

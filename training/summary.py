@@ -33,17 +33,18 @@ def row(card: ModelCard) -> str:
         quality = f"reconstruction MSE {test['reconstruction_mse']:.4f}"
         cells = ["–"] * 6
     else:
-        quality = ""
         cells = [_fmt(test.get(k)) for k in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "roc_auc")]
         cells.append(_fmt(test.get("f1")))
+        notes = []
         if card.threshold is not None:
-            quality = f"threshold {card.threshold:.3f}"
+            notes.append(f"threshold {card.threshold:.3f}")
         if "frozen_encoder_accuracy" in test:
-            quality = f"frozen-encoder acc {test['frozen_encoder_accuracy']:.3f}"
+            notes.append(f"frozen-encoder acc {test['frozen_encoder_accuracy']:.3f}")
         if card.training.get("mirror_average"):
-            quality = "mean of image and mirror image"
+            notes.append("mean of image and mirror image")
         if card.training.get("half_weights"):
-            quality += "; float16 weights"
+            notes.append("float16 weights")
+        quality = "; ".join(notes)
     reference = TASKS[card.task].reference if card.task in TASKS else ""
     arch = card.architecture + (" (ImageNet)" if card.training.get("pretrained") else "")
     return " | ".join(

@@ -24,6 +24,7 @@ class Augment:
     shift: float = 0.0  # fraction of width/height
     shear: float = 0.0  # degrees
     zoom: float = 0.0  # scale uniform in [1 - zoom, 1 + zoom]
+    crop: float = 0.0  # random-resized crop: a patch of at least this share of the area, aspect 3:4-4:3, resized back
     hflip: bool = False
     vflip: bool = False
     right_angles: bool = False  # rotate by a random multiple of 90 degrees
@@ -219,10 +220,10 @@ register_task(
         input=InputSpec(channels=1, height=28, width=28, polarity="dark_background"),
         arch="mlp_autoencoder",
         kind="autoencoder",
-        # The report trains with MSE for 10 epochs (test MSE ≈ 0.019 here; 0.0149 after 60). Binary cross-entropy on
+        # The report trains with MSE for 10 epochs (test MSE ≈ 0.019 here; 0.0147 after 60). Binary cross-entropy on
         # the same sigmoid outputs gives the saturated pixels a useful gradient and reaches a lower *MSE* (0.0097 after
         # 11 epochs in a side-by-side run): `--reconstruction-loss mse` reproduces the report.
-        # Its frozen-encoder classifier reaches ≈ 0.92 (the report: 0.93); fine-tuning encoder + head lifts that.
+        # Its frozen-encoder classifier reaches 0.95 (the report: 0.93); fine-tuning encoder + head lifts that to 0.985.
         recipe=Recipe(
             epochs=60,
             batch_size=100,
