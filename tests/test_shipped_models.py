@@ -11,7 +11,7 @@ from serving.repository import ModelRepository
 MODELS = Path(__file__).resolve().parents[1] / "models"
 MAX_FILE_BYTES = 35 * 1024 * 1024  # one shipped file
 MAX_TOTAL_BYTES = 100 * 1024 * 1024  # the whole repository (issue 3: "under about 100 MB")
-TASKS = {"alzheimer", "cats_dogs", "chest_xray", "covid", "emotion", "mnist", "mnist_autoencoder"}
+TASKS = {"alzheimer", "cats_dogs", "cats_dogs_scratch", "chest_xray", "covid", "emotion", "mnist", "mnist_autoencoder"}
 
 
 def test_shipped_models_stay_small() -> None:

@@ -194,6 +194,8 @@ def test_an_ensemble_member_is_built_as_its_run_built_it(tmp_path: Path) -> None
     assert card.architecture == (
         "ensemble of 2 x compact_cnn; member 2 with depth=3; member 2 trained at 24 px, its input resized in the graph"
     )
+    # the card keeps how each member was trained, not only the settings of the export
+    assert [run["arch_options"]["depth"] for run in card.training["trained_by"]] == [4, 3]
 
     x = torch.from_numpy(np.random.default_rng(0).random((4, 1, 32, 32), dtype=np.float32))
     small = functional.interpolate(x, size=(24, 24), mode="bilinear", align_corners=False)

@@ -359,8 +359,17 @@ def _card_fields(
             "notes": data.notes,
             "class_counts": {s: data.class_counts(s) for s in data.splits},
         },
-        training=asdict(config),
+        training=asdict(config) | _adopted_runs(config),
     )
+
+
+def _adopted_runs(config: RunConfig) -> dict:
+    """With --epochs 0 the weights come from earlier runs: their own settings (config.json beside each checkpoint)
+    are what trained the model, so the card keeps them, not only this export's."""
+    if config.epochs or not config.checkpoints:
+        return {}
+    configs = [Path(path).with_name("config.json") for path in config.checkpoints]
+    return {"trained_by": [json.loads(c.read_text()) if c.exists() else None for c in configs]}
 
 
 def _loaders(spec: TaskSpec, config: RunConfig, data: Dataset) -> tuple[DataLoader, DataLoader]:
