@@ -250,6 +250,15 @@ def test_photometric_augmentation_and_random_erasing() -> None:
     assert spec.augment.erasing == 0.25
 
 
+@pytest.mark.parametrize("setting", ["crop=1.5", "erasing=2", "zoom=-0.1", "brightness=3"])
+def test_an_impossible_augmentation_is_refused_before_any_data_is_read(
+    setting: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert run.main(["cats_dogs", "--data", "no/such/folder", "--augment", setting]) == 2
+    assert f"augmentation {setting.split('=')[0]} must be between" in caplog.text
+    assert "no/such/folder" not in caplog.text
+
+
 def test_random_resized_crop_keeps_the_input_size() -> None:
     from training.engine import build_augmentation
     from training.tasks import Augment

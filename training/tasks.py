@@ -32,6 +32,14 @@ class Augment:
     contrast: float = 0.0  # likewise
     erasing: float = 0.0  # probability of blanking one random rectangle of 2-33 % of the image (Random Erasing)
 
+    def __post_init__(self) -> None:
+        """Refuse an impossible setting when it is given, not when torchvision meets it after the data is decoded."""
+        ranges = {"rotation": (0, 180), "shift": (0, 1), "shear": (0, 90), "zoom": (0, 0.99), "crop": (0, 1),
+                  "brightness": (0, 1), "contrast": (0, 1), "erasing": (0, 1)}  # fmt: skip
+        for name, (low, high) in ranges.items():
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"augmentation {name} must be between {low} and {high}; got {getattr(self, name)}")
+
 
 @dataclass(frozen=True)
 class Recipe:
