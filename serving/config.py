@@ -77,6 +77,10 @@ class Settings(BaseModel):
     # answer Connection: close every this many responses on a keep-alive connection (serving.keepalive); 0 = never.
     # 100 spread few long-lived connections over both workers: +40-65% images/s at 4-32 (docs/performance.md)
     keepalive_max_requests: int = Field(default=100, ge=0)
+    # while a worker has requests waiting, close one of its keep-alive connections at most every this many ms, so that
+    # the client reconnects to the idle worker (serving.keepalive); 0 = never. 50: both cores busy at 4-32 connections
+    # where they were not (1.45-1.74 cores), +8-29% images/s (docs/performance.md)
+    keepalive_rebalance_ms: int = Field(default=50, ge=0)
 
     @field_validator("model_versions", mode="before")
     @classmethod

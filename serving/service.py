@@ -48,7 +48,11 @@ routes_app = Starlette(
     exception_handlers={HTTPException: http_error},
     lifespan=_warm_up_in_background,
     middleware=[
-        Middleware(ConnectionRecycler, max_requests=settings.keepalive_max_requests),
+        Middleware(
+            ConnectionRecycler,
+            max_requests=settings.keepalive_max_requests,
+            rebalance_interval_s=settings.keepalive_rebalance_ms / 1000,
+        ),
         Middleware(AdmissionGuard, max_in_flight=settings.max_in_flight, rate_limit_rps=settings.rate_limit_rps),
     ],
 )

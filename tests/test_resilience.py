@@ -166,6 +166,35 @@ def test_keepalive_connections_are_recycled_every_n_responses() -> None:
     assert asyncio.run(headers(0)) == [None] * 6
 
 
+def test_a_busy_worker_hands_back_one_connection_per_interval() -> None:
+    """Requests waiting on this worker: one response at most per interval says close; an idle worker keeps them."""
+    gate = asyncio.Event()
+
+    async def slow(_: Request) -> PlainTextResponse:
+        await gate.wait()
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[Route("/slow", slow)],
+        middleware=[Middleware(ConnectionRecycler, max_requests=0, rebalance_interval_s=60)],
+    )
+
+    async def scenario() -> tuple[list[str | None], list[str | None]]:
+        gate.set()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            one_at_a_time = [(await client.get("/slow")).headers.get("connection") for _ in range(4)]
+            gate.clear()
+            burst = [asyncio.create_task(client.get("/slow")) for _ in range(6)]
+            await asyncio.sleep(0.05)  # all six in flight
+            gate.set()
+            return one_at_a_time, [(await task).headers.get("connection") for task in burst]
+
+    idle, busy = asyncio.run(scenario())
+    assert idle == [None] * 4
+    assert busy.count("close") == 1  # the next one only after 60 s
+
+
 def test_a_real_server_closes_the_connection_and_the_client_reconnects() -> None:
     import threading
 

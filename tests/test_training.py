@@ -220,6 +220,16 @@ def test_checkpoint_best_can_monitor_validation_accuracy(tmp_path: Path) -> None
     assert metrics["training"]["best_epoch"] == 1 + accuracies.index(max(accuracies))  # the first best accuracy
 
 
+def test_a_time_limit_ends_training_before_an_epoch_that_would_overrun_it(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", ["COVID", "NORMAL"], per_class=16, size=40)
+    assert train("covid", data, tmp_path, "--arch", "compact_cnn", "--image-size", "32", "--epochs", "5",
+                 "--time-limit", "0.0001", "--no-export") == 0  # fmt: skip
+    run_dir = next((tmp_path / "runs" / "covid").iterdir())
+    assert len((run_dir / "history.csv").read_text().splitlines()) == 1 + 1  # the header and one epoch
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["training"]["epochs_run"] == 1 and "accuracy" in metrics["test"]
+
+
 def test_recipe_and_augment_overrides_are_typed_and_recorded() -> None:
     args = run.parse_args(
         ["emotion", "--data", "x", "--recipe", "optimizer=adamw", "--recipe", "plateau_patience=8"]

@@ -189,6 +189,15 @@ def _run_epoch(model, loader, objective, device, optimizer=None, scaler=None, am
     return total_loss / count, (total_acc / count if objective.accuracy else float("nan")), int(count)
 
 
+def _out_of_time(recipe: Recipe, elapsed: float, last_epoch: float, device: torch.device) -> bool:
+    """Whether one more epoch as long as the last would end past the time limit; under torchrun, if any rank says so
+    (their clocks differ a little, their decisions must not)."""
+    if not recipe.time_limit_minutes:
+        return False
+    late = float(elapsed + last_epoch > recipe.time_limit_minutes * 60)
+    return distributed.all_reduce_sums([late], device)[0] > 0
+
+
 def fit(
     model: nn.Module,
     train: DataLoader,
@@ -303,6 +312,10 @@ def fit(
             if stale >= recipe.early_stopping_patience:
                 if main:
                     tqdm.write(f"early stopping: no {recipe.monitor} improvement for {stale} epochs")
+                break
+            if epoch < recipe.epochs and _out_of_time(recipe, time.perf_counter() - started, seconds, device):
+                if main:
+                    tqdm.write(f"time limit: another epoch would end past {recipe.time_limit_minutes:g} minutes")
                 break
     if writer is not None:
         writer.close()

@@ -127,6 +127,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="start from ImageNet weights (default: the task's choice)",
     )
     parser.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="MINUTES",
+        help="wall-clock budget for training: no epoch is started that would end past it at the last epoch's pace; "
+        "the best checkpoint so far is then evaluated and exported as usual (autoencoder tasks: per stage)",
+    )
     parser.add_argument("--batch-size", type=int, help="batch size")
     parser.add_argument("--lr", type=float, help="initial learning rate")
     parser.add_argument(
@@ -255,6 +262,7 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
             k: v
             for k, v in (
                 ("epochs", args.epochs),
+                ("time_limit_minutes", args.time_limit),
                 ("batch_size", args.batch_size),
                 ("lr", args.lr),
                 ("reconstruction_loss", args.reconstruction_loss),

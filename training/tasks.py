@@ -56,6 +56,8 @@ class Recipe:
     plateau_threshold: float = 1e-4  # relative: an epoch improves on the best val loss only below best × (1 - this)
     min_lr: float = 1e-5
     early_stopping_patience: int = 10
+    # wall-clock budget per training stage: no epoch is started that would, at the last epoch's pace, end past it
+    time_limit_minutes: float = 0.0  # 0: none
     # what checkpoint-best and early stopping watch (the learning-rate plateau always watches val loss);
     # val_acc: classifiers only, for when accuracy is the target and a smoothed loss drifts from it
     monitor: Literal["val_loss", "val_acc"] = "val_loss"
