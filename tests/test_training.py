@@ -230,6 +230,11 @@ def test_a_time_limit_ends_training_before_an_epoch_that_would_overrun_it(tmp_pa
     assert metrics["training"]["epochs_run"] == 1 and "accuracy" in metrics["test"]
 
 
+def test_a_negative_time_limit_is_refused_before_any_data_is_read(caplog: pytest.LogCaptureFixture) -> None:
+    assert run.main(["covid", "--data", "no/such/folder", "--time-limit", "-5"]) == 2
+    assert "time limit" in caplog.text
+
+
 def test_recipe_and_augment_overrides_are_typed_and_recorded() -> None:
     args = run.parse_args(
         ["emotion", "--data", "x", "--recipe", "optimizer=adamw", "--recipe", "plateau_patience=8"]

@@ -64,6 +64,12 @@ class Recipe:
     finetune_epochs: int = 0  # autoencoder tasks: after the frozen-encoder classifier, fine-tune encoder + head
     reconstruction_loss: Literal["mse", "bce"] = "mse"  # autoencoder tasks; the test metric is MSE either way
 
+    def __post_init__(self) -> None:
+        if self.time_limit_minutes < 0:
+            raise ValueError(
+                f"the time limit must be 0 (none) or a positive number of minutes; got {self.time_limit_minutes:g}"
+            )
+
 
 @dataclass(frozen=True)
 class TaskSpec:
