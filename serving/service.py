@@ -76,6 +76,7 @@ metrics_labels.install(_known_model)
     workers=settings.workers,
     # no traffic.max_concurrency: the in-process /infer calls would count against it and get 429s
     traffic={"timeout": settings.request_timeout_s},
+    tracing=settings.tracing_config,
     # self.to_async talks to this very process. BentoML renews that client session every 100 requests by
     # default and closes the old one under in-flight calls, failing them; in-process it buys nothing.
     runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},

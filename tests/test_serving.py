@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import io
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -48,9 +51,21 @@ def test_settings_from_env() -> None:
         {"IMAGEAI_MODEL_VERSIONS": "chest_xray"},
         {"IMAGEAI_MAX_BATCH_SIZE": "1"},
         {"IMAGEAI_DEVICE": "tpu"},
+        {"IMAGEAI_TRACING_SAMPLE_RATE": "1.5"},
+        {"IMAGEAI_TRACING_ENDPOINT": "otel-collector:4318"},
     ):
         with pytest.raises(ValidationError):
             Settings.from_env(bad)
+
+
+def test_tracing_is_skipped_unless_an_endpoint_is_given() -> None:
+    from opentelemetry.util.http import ExcludeList
+
+    off = Settings().tracing_config
+    assert ExcludeList(off["excluded_urls"]).url_disabled("http://localhost:3000/chest_xray/predict")
+    url = "http://collector:4318/v1/traces"
+    on = Settings.from_env({"IMAGEAI_TRACING_ENDPOINT": url, "IMAGEAI_TRACING_SAMPLE_RATE": "0.1"}).tracing_config
+    assert on == {"exporter_type": "otlp", "sample_rate": 0.1, "otlp": {"protocol": "http", "endpoint": url}}
 
 
 def test_repository_serves_latest_or_pinned_and_refuses_tampered(model_repository: Path) -> None:
@@ -457,6 +472,42 @@ def test_strict_readiness_with_a_refused_model(model_repository: Path, tmp_path:
         strict.stop()
     log = strict.log.read_text()
     assert "model tampered is UNAVAILABLE: sha256" in log and str(model_repository / "tampered") in log
+
+
+class _TraceSink(http.server.BaseHTTPRequestHandler):
+    """An OTLP/HTTP collector that keeps what it is sent."""
+
+    received: list[tuple[str, bytes]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        self.received.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_traces_reach_an_otlp_collector_when_an_endpoint_is_set(
+    model_repository: Path, tmp_path: Path, png: PNG, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TraceSink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")  # export spans every 0.2 s instead of 5
+    endpoint = f"http://127.0.0.1:{sink.server_address[1]}/v1/traces"
+    traced = start_server(model_repository, tmp_path, readiness="lenient", tracing_endpoint=endpoint)
+    try:
+        traced.wait("/readyz")
+        assert _post(traced, "/chest_xray/predict", png(0)).status_code == 200
+        deadline = time.monotonic() + 30
+        while not any(b"/chest_xray/predict" in body for _, body in _TraceSink.received):
+            assert time.monotonic() < deadline, f"no span of the request reached the collector: {_TraceSink.received}"
+            time.sleep(0.2)
+    finally:
+        traced.stop()
+        sink.shutdown()
+    assert {path for path, _ in _TraceSink.received} == {"/v1/traces"}
 
 
 @pytest.mark.slow
