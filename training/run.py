@@ -180,7 +180,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--init", choices=["glorot", "zeros", "ones", "default"], help="weight initialiser")
     parser.add_argument("--depth", type=int, help="number of conv blocks, for architectures that take it")
     parser.add_argument("--width", type=float, help="width multiplier / base filters, for architectures that take it")
-    parser.add_argument("--freeze", type=float, help="fraction of a pretrained backbone to freeze (0..1)")
+    parser.add_argument(
+        "--freeze",
+        type=float,
+        help="fraction of a pretrained backbone's parameter tensors to freeze, first layers first (0..1); chest_xray "
+        "with --freeze 0.2 reached its quality target in 11 minutes on 2 CPU cores instead of 19 (docs/performance.md)",
+    )
     parser.add_argument("--val-fraction", type=float, help="share of all images carved out for validation")
     parser.add_argument("--test-fraction", type=float, help="share of all images carved out for testing")
     parser.add_argument(
