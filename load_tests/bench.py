@@ -625,16 +625,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 server.wait_ready(args.ready_timeout, consecutive=2 * settings.workers)
                 print(f"\n{name} ready at {server.url}\n{HEADER}", flush=True)
                 results[name] = sweep(generator, server, path, levels, args.seconds, args.warmup)
-                if "half" in skip:
-                    continue
-                if target_rate is None:
-                    peak = max(results[name], key=lambda run: run.images_per_s)
-                    single = next((run for run in results[name] if run.concurrency == 1), None)
-                    target_rate = peak.images_per_s / 2
-                    single_ms = single.p50_ms if single else 0.0
-                half[name] = at_rate(
-                    generator, server, path, target_rate, args.half_connections, single_ms, args.seconds
-                )
+                if "half" not in skip:
+                    if target_rate is None:
+                        peak = max(results[name], key=lambda run: run.images_per_s)
+                        single = next((run for run in results[name] if run.concurrency == 1), None)
+                        target_rate = peak.images_per_s / 2
+                        single_ms = single.p50_ms if single else 0.0
+                    half[name] = at_rate(
+                        generator, server, path, target_rate, args.half_connections, single_ms, args.seconds
+                    )
                 if name == "service":
                     if per_request > 1:
                         print(f"\nservice, {per_request} images per request ({path}/batch)\n{HEADER}", flush=True)

@@ -15,13 +15,14 @@ Two ways to batch concurrent single-image requests (``IMAGEAI_BATCHING``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from prometheus_client import Histogram
@@ -98,12 +99,27 @@ class Overloaded(Exception):
     """The request would miss the latency deadline (or already has): answer 503 and let the client retry."""
 
 
-@dataclass
+@dataclass(eq=False)
+class _Request:
+    """The images of one call. They are answered together, so they are refused together, and once one of them is in
+    a batch the others run too, however long they waited: a request dropped halfway wastes the work done for it."""
+
+    enqueued: float
+    pending: list[_Pending] = field(default_factory=list)
+    started: bool = False
+
+    def refuse(self) -> None:
+        for item in self.pending:
+            if not item.future.done():
+                item.future.set_exception(Overloaded())
+
+
+@dataclass(eq=False)
 class _Pending:
     runner: ModelRunner
     tensor: np.ndarray
     future: asyncio.Future
-    enqueued: float
+    request: _Request
 
 
 class Batcher:
@@ -113,8 +129,8 @@ class Batcher:
     sessions one process can keep several cores busy. Shedding: a request is refused with :class:`Overloaded` when
     the images queued ahead of it would take longer than ``max_latency_ms`` at each model's measured cost per image
     (a queue of 1-ms chest X-rays and 70-ms emotion ensembles is not judged by one average), and
-    dropped when it has already waited that long before its batch starts. Batches of several models run as one
-    onnxruntime call per model, one after another.
+    dropped, all its images, when it has already waited that long before the first of them starts. Batches of
+    several models run as one onnxruntime call per model, one after another.
     """
 
     def __init__(self, max_batch_size: int, max_latency_ms: float, concurrency: int = 1) -> None:
@@ -128,13 +144,13 @@ class Batcher:
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="imageai-infer")
         # per runner: moving average over its batches of wall time / images; unknown (0) until its first batch
         self._seconds_per_image: dict[int, float] = {}
+        self._reserved: defaultdict[int, int] = defaultdict(int)  # per runner: images admitted, not yet queued
+        self._shedding = False  # a request was refused and the queue has not drained since (overloaded)
+        self._batch_done: asyncio.Future | None = None  # resolved when the next batch finishes (room)
 
     async def infer(self, runner: ModelRunner, tensor: np.ndarray, admit: bool = True) -> dict[str, np.ndarray]:
-        """The outputs of one image (C, H, W), computed in a batch with whatever else is queued.
-
-        With `admit`, refuse it (Overloaded) when the queue already holds more work than the latency budget; a lone
-        request is always taken, so that one slow batch cannot shut the service (no batches, no new estimate).
-        """
+        """The outputs of one image (C, H, W), computed in a batch with whatever else is queued; with `admit`,
+        refused (Overloaded) when the work ahead would exceed the latency budget (see `_admit`)."""
         [pending] = self._enqueue(runner, [tensor], admit)
         return await pending.future
 
@@ -149,20 +165,72 @@ class Batcher:
                 raise result
         return results
 
+    def reserve(self, runner: ModelRunner, images: int) -> contextlib.ExitStack:
+        """Admit a request's `images` before they are decoded (or refuse it: Overloaded), and count them as queued
+        until the returned context ends; queue them right after it with ``admit=False``. Requests decoding side by
+        side are so judged with each other, and a refused request has cost no decoding."""
+        self._admit(runner, images)
+        self._reserved[id(runner)] += images
+        release = contextlib.ExitStack()
+        release.callback(self._release, id(runner), images)
+        return release
+
+    def _release(self, key: int, images: int) -> None:
+        self._reserved[key] -= images
+
+    async def room(self) -> bool:
+        """Whether a new request may be read: at once, unless shedding (overloaded); then after waiting up to half the
+        budget for the queue to drain. The wait paces clients that retry a 503 without pause: refused at once, they
+        would spend the CPU on refusals that the admitted requests need."""
+        deadline = time.perf_counter() + self._budget() / 2
+        while self.overloaded():
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return False
+            if self._batch_done is None:
+                self._batch_done = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._batch_done), remaining)
+        return True
+
+    def overloaded(self) -> bool:
+        """Whether a request arriving now would be refused before its body is read: from the moment one is refused
+        until the work ahead is down to half the budget (hysteresis; without it the door would open for every
+        request the queue has just made room for, and most of them would be read only to be refused)."""
+        if self._shedding and self._has_work() and self._wait_s() > self._budget() / 2:
+            return True
+        self._shedding = False
+        return False
+
     def _enqueue(self, runner: ModelRunner, tensors: Sequence[np.ndarray], admit: bool) -> list[_Pending]:
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._ready = asyncio.Event()
             self._task = loop.create_task(self._loop(), name="imageai-batcher")
-        ahead = sum(self._seconds_per_image.get(id(pending.runner), 0.0) for pending in self._queue)
-        wait_s = (ahead + len(tensors) * self._seconds_per_image.get(id(runner), 0.0)) / self.concurrency
-        if admit and self._queue and wait_s > self._budget():
-            raise Overloaded
-        now = time.perf_counter()
-        pending = [_Pending(runner, tensor, loop.create_future(), now) for tensor in tensors]
-        self._queue.extend(pending)
+        if admit:
+            self._admit(runner, len(tensors))
+        request = _Request(enqueued=time.perf_counter())
+        request.pending = [_Pending(runner, tensor, loop.create_future(), request) for tensor in tensors]
+        self._queue.extend(request.pending)
         self._ready.set()
-        return pending
+        return request.pending
+
+    def _admit(self, runner: ModelRunner, images: int) -> None:
+        """Refuse (Overloaded) `images` more of `runner` when the work ahead of them would exceed the budget. A lone
+        request is always taken, so that one slow batch cannot shut the service (no batches, no new estimate)."""
+        if self._has_work() and self._wait_s(runner, images) > self._budget():
+            self._shedding = True
+            raise Overloaded
+
+    def _has_work(self) -> bool:
+        return bool(self._queue) or any(self._reserved.values())
+
+    def _wait_s(self, runner: ModelRunner | None = None, images: int = 0) -> float:
+        """How long until the queued and reserved images, then `images` more of `runner`, would be done."""
+        cost = self._seconds_per_image
+        ahead = sum(cost.get(id(pending.runner), 0.0) for pending in self._queue)
+        ahead += sum(count * cost.get(key, 0.0) for key, count in self._reserved.items())
+        return (ahead + images * cost.get(id(runner), 0.0)) / self.concurrency
 
     def _budget(self) -> float:
         """How long a request may wait: max_latency_ms, but never less than one full batch of the slowest model this
@@ -174,11 +242,14 @@ class Batcher:
         batch, now, budget = [], time.perf_counter(), self._budget()
         while self._queue and len(batch) < self.max_batch_size:
             pending = self._queue.popleft()
-            if pending.future.done():  # the client went away
+            if pending.future.done():  # the client went away, or its request was refused
                 continue
-            if now - pending.enqueued > budget:
-                pending.future.set_exception(Overloaded())
-                continue
+            request = pending.request
+            if not request.started:
+                if now - request.enqueued > budget:
+                    request.refuse()
+                    continue
+                request.started = True
             batch.append(pending)
         return batch
 
@@ -197,6 +268,9 @@ class Batcher:
     def _finished(self, task: asyncio.Task) -> None:
         self._running.discard(task)
         self._ready.set()  # a slot is free: take what queued meanwhile
+        if self._batch_done is not None:
+            self._batch_done.set_result(None)
+            self._batch_done = None
 
     async def _run(self, batch: list[_Pending]) -> None:
         timings: dict[int, float] = {}

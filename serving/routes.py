@@ -8,6 +8,7 @@ mistakes are 4xx, never 500.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("bentoml.imageai")
 
 UPLOAD_FIELD = "image"
+OVERLOADED_MESSAGE = "the server is too busy to answer in time; retry shortly"
 UI_PAGE = Path(__file__).parent / "static" / "ui.html"
 # the page's script and styles are inline; nothing else may load (no third-party code near clinical images)
 UI_HEADERS = {
@@ -118,8 +120,18 @@ class Upload:
     filename: str | None
 
 
+async def refuse_when_overloaded() -> None:
+    """503 before the body is read when the batcher is shedding load and does not drain in time (Batcher.room): a
+    flood of requests that would be refused anyway must not spend the CPU on the parsing and decoding that the
+    admitted ones need."""
+    batcher = current_service().batcher
+    if batcher is not None and not await batcher.room():
+        raise ApiError(503, "overloaded", OVERLOADED_MESSAGE, {"Retry-After": "1"})
+
+
 async def _uploads(request: Request, max_files: int) -> list[Upload]:
     """The file fields `image` of a multipart body, refusing oversized bodies unread."""
+    await refuse_when_overloaded()
     limit = current_service().settings.max_upload_bytes
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", f"send multipart/form-data with a file field {UPLOAD_FIELD!r}")
@@ -172,36 +184,51 @@ def _convert_each(uploads: list[Upload], spec: InputSpec, max_pixels: int) -> li
     return converted
 
 
-async def _decoded(request: Request, spec: InputSpec, convert: Callable[..., np.ndarray]) -> np.ndarray:
-    """The (last) upload of a single-image request through `convert`, in a thread."""
+def admitted(runner: ModelRunner, images: int) -> contextlib.AbstractContextManager:
+    """The batcher's admission of a request's images before they are decoded (503 `overloaded` when the work ahead
+    would exceed the latency budget); inside the block they count as queued, and they must be queued right after it
+    with ``admit=False``. BentoML's dispatcher (IMAGEAI_BATCHING=bentoml) admits on its own."""
+    batcher = current_service().batcher
+    if batcher is None:
+        return contextlib.nullcontext()
+    try:
+        return batcher.reserve(runner, images)
+    except Overloaded:
+        raise ApiError(503, "overloaded", OVERLOADED_MESSAGE, {"Retry-After": "1"}) from None
+
+
+async def _decoded(request: Request, runner: ModelRunner, convert: Callable[..., np.ndarray]) -> np.ndarray:
+    """The (last) upload of a single-image request through `convert`, in a thread, once `runner` admits it."""
     upload = (await _uploads(request, max_files=4))[-1]
     max_pixels = current_service().settings.max_pixels
-    return await anyio.to_thread.run_sync(_convert, convert, upload, spec, max_pixels)
+    with admitted(runner, 1):
+        return await anyio.to_thread.run_sync(_convert, convert, upload, runner.card.input, max_pixels)
 
 
-async def _tensor(request: Request, spec: InputSpec) -> np.ndarray:
-    return await _decoded(request, spec, preprocess)
+async def _infer_upload(request: Request, runner: ModelRunner) -> dict[str, np.ndarray]:
+    """The outputs of `runner` for the request's image: read, admitted, preprocessed, then batched."""
+    return await infer_one(runner, await _decoded(request, runner, preprocess), admit=False)
 
 
-async def infer_one(runner: ModelRunner, tensor: np.ndarray) -> dict[str, np.ndarray]:
-    [outputs] = await infer_many(runner, [tensor])
+async def infer_one(runner: ModelRunner, tensor: np.ndarray, admit: bool = True) -> dict[str, np.ndarray]:
+    [outputs] = await infer_many(runner, [tensor], admit)
     return outputs
 
 
-async def infer_many(runner: ModelRunner, tensors: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """Images of one request through the batcher: in-process (IMAGEAI_BATCHING=direct) or BentoML's dispatcher."""
-    message = "the server is too busy to answer in time; retry shortly"
+async def infer_many(runner: ModelRunner, tensors: list[np.ndarray], admit: bool = True) -> list[dict[str, np.ndarray]]:
+    """Images of one request through the batcher: in-process (IMAGEAI_BATCHING=direct) or BentoML's dispatcher.
+    Without `admit` the batcher takes them unjudged: they were admitted before decoding (`admitted`)."""
     batcher = current_service().batcher
     if batcher is not None:
         try:
-            return await batcher.infer_many(runner, tensors)
+            return await batcher.infer_many(runner, tensors, admit)
         except Overloaded:
-            raise ApiError(503, "overloaded", message, {"Retry-After": "1"}) from None
+            raise ApiError(503, "overloaded", OVERLOADED_MESSAGE, {"Retry-After": "1"}) from None
     try:
         results = await current_service().to_async.infer([InferItem.of(runner.card.name, t) for t in tensors])
     except BentoMLException as error:
         if error.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
-            raise ApiError(503, "overloaded", message, {"Retry-After": "1"}) from None
+            raise ApiError(503, "overloaded", OVERLOADED_MESSAGE, {"Retry-After": "1"}) from None
         raise
     for result in results:
         if result.error is not None:
@@ -271,7 +298,7 @@ def _model_header(card: ModelCard, with_threshold: bool) -> dict[str, Any]:
 async def _answer_one(request: Request, answer: Answer) -> Response:
     runner = _classifier(request)
     card = runner.card
-    probabilities = (await infer_one(runner, await _tensor(request, card.input)))[CLASSIFIER_OUTPUT]
+    probabilities = (await _infer_upload(request, runner))[CLASSIFIER_OUTPUT]
     return JSONResponse({**_model_header(card, with_threshold=answer is _prediction), **answer(card, probabilities)})
 
 
@@ -282,9 +309,10 @@ async def _answer_batch(request: Request, answer: Answer) -> Response:
     card = runner.card
     settings = current_service().settings
     uploads = await _uploads(request, max_files=settings.max_images_per_request)
-    converted = await anyio.to_thread.run_sync(_convert_each, uploads, card.input, settings.max_pixels)
+    with admitted(runner, len(uploads)):
+        converted = await anyio.to_thread.run_sync(_convert_each, uploads, card.input, settings.max_pixels)
     tensors = [item for item in converted if not isinstance(item, ApiError)]
-    outputs = iter(await infer_many(runner, tensors) if tensors else [])
+    outputs = iter(await infer_many(runner, tensors, admit=False) if tensors else [])
     results: list[dict[str, Any]] = []
     for upload, item in zip(uploads, converted, strict=True):
         if isinstance(item, ApiError):
@@ -318,7 +346,7 @@ async def proba_batch(request: Request) -> Response:
 async def reconstruct(request: Request) -> Response:
     runner = _autoencoder(request)
     card = runner.card
-    reconstruction = (await infer_one(runner, await _tensor(request, card.input)))[AUTOENCODER_OUTPUTS[0]]
+    reconstruction = (await _infer_upload(request, runner))[AUTOENCODER_OUTPUTS[0]]
     headers = {"X-Model": card.name, "X-Model-Version": card.version}
     return Response(to_png(reconstruction, card.input), media_type="image/png", headers=headers)
 
@@ -327,7 +355,7 @@ async def reconstruct(request: Request) -> Response:
 async def encode(request: Request) -> Response:
     runner = _autoencoder(request)
     card = runner.card
-    code = (await infer_one(runner, await _tensor(request, card.input)))[AUTOENCODER_OUTPUTS[1]]
+    code = (await _infer_upload(request, runner))[AUTOENCODER_OUTPUTS[1]]
     return JSONResponse({"model": card.name, "version": card.version, "code": code.tolist()})
 
 
@@ -346,7 +374,7 @@ async def _explained(explainer: ModelRunner, tensor: np.ndarray) -> dict[str, np
     """Probabilities and maps of one image: through the batcher, or alone with IMAGEAI_BATCHING=bentoml, whose
     batch API names a model and always runs its prediction outputs only."""
     if current_service().batcher is not None:
-        return await infer_one(explainer, tensor)
+        return await infer_one(explainer, tensor, admit=False)
     outputs = await anyio.to_thread.run_sync(explainer.run, tensor[None])
     return {name: value[0] for name, value in outputs.items()}
 
@@ -363,7 +391,7 @@ async def explain(request: Request) -> Response:
             f"model {card.name} version {card.version} was exported without an explanation output; re-export it "
             f"from its checkpoint: python -m training.run {card.task} --data DATA --checkpoint RUN/best.pt --epochs 0",
         )
-    pixels = await _decoded(request, card.input, load_pixels)
+    pixels = await _decoded(request, runner.explainer, load_pixels)
     outputs = await _explained(runner.explainer, normalize(pixels, card.input))
     probabilities = outputs[CLASSIFIER_OUTPUT].ravel()
     prediction = _prediction(card, probabilities)

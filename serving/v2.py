@@ -9,7 +9,6 @@ requests share batches with them. Errors answer ``{"error": "<message>"}``; clie
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -27,7 +26,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from serving.repository import ModelRunner
-from serving.routes import ApiError, available_runner, bounded_stream, current_service, infer_one
+from serving.routes import (
+    ApiError,
+    available_runner,
+    bounded_stream,
+    current_service,
+    infer_many,
+    refuse_when_overloaded,
+)
 
 logger = logging.getLogger("bentoml.imageai")
 
@@ -252,6 +258,7 @@ async def model_config(request: Request) -> Response:
 @_endpoint
 async def infer(request: Request) -> Response:
     runner = _model(request)
+    await refuse_when_overloaded()
     inference, binary = await _read_request(request)
     batch = _input_batch(inference, binary, runner)
     _, metadata = _tensor_metadata(runner)
@@ -260,7 +267,7 @@ async def infer(request: Request) -> Response:
     unknown = [output.name for output in requested if output.name not in shapes]
     if unknown:
         raise V2Error(400, f"unknown outputs {unknown}; the model has {list(shapes)}")
-    results = await asyncio.gather(*(infer_one(runner, image) for image in batch))
+    results = await infer_many(runner, list(batch))
 
     binary_default = bool(inference.parameters.get("binary_data_output", False))
     tensors, blobs = [], []

@@ -112,6 +112,103 @@ def test_the_images_of_one_request_are_admitted_or_refused_together(repository: 
     np.testing.assert_allclose([result["probabilities"] for result in many], expected, atol=1e-6)
 
 
+def test_a_request_whose_images_have_started_is_never_dropped_halfway(repository: ModelRepository) -> None:
+    """Six images in batches of two at 0.08 s each: the last two wait 0.16 s, past the 0.1-s budget, yet they run,
+    because the request's first images already have; dropping them would waste those and answer 503 all the same."""
+    runner = Slow(repository.get("chest_xray").runner, seconds=0.08)
+    batcher = Batcher(max_batch_size=2, max_latency_ms=100)
+    shades = [np.full((1, 16, 16), s, np.float32) for s in np.linspace(0, 1, 6, dtype=np.float32)]
+
+    results = asyncio.run(batcher.infer_many(runner, shades))
+    batcher.close()
+    assert runner.sizes == [2, 2, 2] and len(results) == 6
+    expected = repository.get("chest_xray").runner.run(np.stack(shades))["probabilities"]
+    np.testing.assert_allclose([result["probabilities"] for result in results], expected, atol=1e-6)
+
+
+def test_a_request_that_waited_too_long_is_refused_whole(repository: ModelRepository) -> None:
+    """A request still queued when its wait passes the budget (one full batch: 0.3 s) is refused with all its images,
+    none of which then runs; the two batches ahead of it (0.6 s) run whole."""
+    runner = Slow(repository.get("chest_xray").runner, seconds=0.3)
+    batcher = Batcher(max_batch_size=2, max_latency_ms=100)
+    zeros = np.zeros((1, 16, 16), np.float32)
+
+    async def calls() -> list[object]:
+        busy = asyncio.ensure_future(batcher.infer_many(runner, [zeros] * 4, admit=False))
+        await asyncio.sleep(0)
+        late = await asyncio.gather(batcher.infer_many(runner, [zeros] * 3, admit=False), return_exceptions=True)
+        return [await busy, *late]
+
+    busy, late = asyncio.run(calls())
+    batcher.close()
+    assert len(busy) == 4 and isinstance(late, Overloaded)
+    assert runner.sizes == [2, 2]
+
+
+@pytest.fixture
+def routes_with(monkeypatch):
+    """serving.routes with its current service replaced by one that has only the given batcher."""
+    from types import SimpleNamespace
+
+    from serving import routes
+
+    def install(batcher: Batcher):
+        monkeypatch.setattr(routes, "current_service", lambda: SimpleNamespace(batcher=batcher))
+        return routes
+
+    return install
+
+
+def test_images_are_admitted_before_decoding_and_count_as_queued_meanwhile(repository, routes_with) -> None:
+    """Two requests decoding side by side are judged with each other: the second is refused (503) while the first
+    holds its reservation, and taken once the first's images are queued."""
+    runner = Slow(repository.get("chest_xray").runner, seconds=0.1)
+    batcher = Batcher(max_batch_size=2, max_latency_ms=100)  # once the cost is known: a budget of 0.2 s
+    routes = routes_with(batcher)
+    zeros = np.zeros((1, 16, 16), np.float32)
+
+    async def calls() -> tuple[int, list[dict[str, np.ndarray]]]:
+        await batcher.infer(runner, zeros)  # 0.1 s per image
+        with routes.admitted(runner, 2), pytest.raises(routes.ApiError) as refused:  # alone: always taken
+            routes.admitted(runner, 1)
+        with routes.admitted(runner, 2):  # released: taken again
+            pass
+        return refused.value.status, await batcher.infer_many(runner, [zeros, zeros], admit=False)
+
+    status, results = asyncio.run(calls())
+    batcher.close()
+    assert status == 503 and len(results) == 2
+
+
+def test_after_a_refusal_requests_are_refused_before_their_bodies_are_read(repository, routes_with) -> None:
+    """Once a request is refused, the routes answer 503 before reading a body until the work ahead is down to half
+    the budget, each after waiting up to half the budget for that (which paces clients that retry at once)."""
+    runner = Slow(repository.get("chest_xray").runner, seconds=0.1)
+    batcher = Batcher(max_batch_size=2, max_latency_ms=100)  # once the cost is known: a budget of 0.2 s
+    routes = routes_with(batcher)
+    zeros = np.zeros((1, 16, 16), np.float32)
+
+    async def calls() -> tuple[bool, float, bool]:
+        await batcher.infer(runner, zeros)
+        await routes.refuse_when_overloaded()  # idle: at once
+        busy = asyncio.ensure_future(batcher.infer_many(runner, [zeros] * 8, admit=False))  # ≥ 0.3 s queued
+        await asyncio.sleep(0.01)
+        before_refusal = batcher.overloaded()
+        with pytest.raises(routes.ApiError):
+            routes.admitted(runner, 1)
+        started = time.perf_counter()
+        with pytest.raises(routes.ApiError) as at_the_door:
+            await routes.refuse_when_overloaded()
+        waited = time.perf_counter() - started
+        await busy
+        await routes.refuse_when_overloaded()  # drained: admitted again
+        return before_refusal, waited, "Retry-After" in (at_the_door.value.headers or {})
+
+    before_refusal, waited, retry_after = asyncio.run(calls())
+    batcher.close()
+    assert not before_refusal and 0.05 <= waited < 0.5 and retry_after
+
+
 def test_admission_judges_each_model_by_its_own_cost(repository: ModelRepository) -> None:
     """The work ahead is each queued image at its own model's cost: twenty images of a fast model fit the budget,
     which is one full batch of the slowest model (2 images at 0.2 s: 0.4 s, over the 100 ms asked for), while a third
