@@ -189,7 +189,7 @@ class Batcher:
                 return False
             if self._batch_done is None:
                 self._batch_done = asyncio.get_running_loop().create_future()
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError itself from Python 3.11
                 await asyncio.wait_for(asyncio.shield(self._batch_done), remaining)
         return True
 
