@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.repository import ModelRepository, ModelRunner
@@ -38,6 +38,14 @@ MODEL_BATCH_SIZE = Histogram(
     labelnames=["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+REFUSALS = Counter(
+    name="imageai_overload_refusals",
+    documentation="Requests answered 503 overloaded, by stage: door (unread, while shedding), admission (before "
+    "decoding: the work ahead would exceed the latency budget), deadline (waited past the budget in the queue)",
+    labelnames=["stage"],
+)
+for _stage in ("door", "admission", "deadline"):
+    REFUSALS.labels(stage=_stage)  # exported as 0 before the first refusal
 
 
 class InferItem(BaseModel):
@@ -186,6 +194,7 @@ class Batcher:
         while self.overloaded():
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
+                REFUSALS.labels(stage="door").inc()
                 return False
             if self._batch_done is None:
                 self._batch_done = asyncio.get_running_loop().create_future()
@@ -220,6 +229,7 @@ class Batcher:
         request is always taken, so that one slow batch cannot shut the service (no batches, no new estimate)."""
         if self._has_work() and self._wait_s(runner, images) > self._budget():
             self._shedding = True
+            REFUSALS.labels(stage="admission").inc()
             raise Overloaded
 
     def _has_work(self) -> bool:
@@ -247,6 +257,7 @@ class Batcher:
             request = pending.request
             if not request.started:
                 if now - request.enqueued > budget:
+                    REFUSALS.labels(stage="deadline").inc()
                     request.refuse()
                     continue
                 request.started = True

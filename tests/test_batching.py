@@ -16,7 +16,7 @@ import pytest
 from conftest import start_server
 from PIL import Image
 
-from serving.batching import Batcher, Overloaded
+from serving.batching import REFUSALS, Batcher, Overloaded
 from serving.config import Settings
 from serving.repository import CUDA, ModelRepository
 
@@ -24,6 +24,12 @@ from serving.repository import CUDA, ModelRepository
 @pytest.fixture(scope="module")
 def repository(model_repository: Path) -> ModelRepository:
     return ModelRepository.load(Settings(models_dir=model_repository, model_versions={"rgb": "1"}))
+
+
+def _refusals() -> dict[str, float]:
+    """imageai_overload_refusals_total by stage, as /metrics exports it."""
+    samples = REFUSALS.collect()[0].samples
+    return {sample.labels["stage"]: sample.value for sample in samples if sample.name.endswith("_total")}
 
 
 class Slow:
@@ -139,10 +145,12 @@ def test_a_request_that_waited_too_long_is_refused_whole(repository: ModelReposi
         late = await asyncio.gather(batcher.infer_many(runner, [zeros] * 3, admit=False), return_exceptions=True)
         return [await busy, *late]
 
+    before = _refusals()
     busy, late = asyncio.run(calls())
     batcher.close()
     assert len(busy) == 4 and isinstance(late, Overloaded)
     assert runner.sizes == [2, 2]
+    assert _refusals()["deadline"] == before["deadline"] + 1
 
 
 @pytest.fixture
@@ -204,9 +212,12 @@ def test_after_a_refusal_requests_are_refused_before_their_bodies_are_read(repos
         await routes.refuse_when_overloaded()  # drained: admitted again
         return before_refusal, waited, "Retry-After" in (at_the_door.value.headers or {})
 
+    before = _refusals()
     before_refusal, waited, retry_after = asyncio.run(calls())
     batcher.close()
     assert not before_refusal and 0.05 <= waited < 0.5 and retry_after
+    after = _refusals()
+    assert after["admission"] == before["admission"] + 1 and after["door"] == before["door"] + 1
 
 
 def test_admission_judges_each_model_by_its_own_cost(repository: ModelRepository) -> None:

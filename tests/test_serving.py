@@ -223,6 +223,8 @@ def test_health_and_metrics(server: Server) -> None:
     metrics = httpx.get(server.url + "/metrics")
     assert metrics.status_code == 200
     assert "imageai_model_batch_size" in metrics.text  # BentoML's adaptive_batch_size: IMAGEAI_BATCHING=bentoml
+    for stage in ("door", "admission", "deadline"):  # exported before the first refusal
+        assert f'imageai_overload_refusals_total{{stage="{stage}"}} 0.0' in metrics.text
 
 
 @pytest.mark.slow
