@@ -153,8 +153,8 @@ class Batcher:
         # per runner: moving average over its batches of wall time / images; unknown (0) until its first batch
         self._seconds_per_image: dict[int, float] = {}
         self._reserved: defaultdict[int, int] = defaultdict(int)  # per runner: images admitted, not yet queued
-        self._shedding = False  # a request was refused and the queue has not drained since (overloaded)
-        self._batch_done: asyncio.Future | None = None  # resolved when the next batch finishes (room)
+        self._shedding = False  # a request was refused; the work ahead has not been down to half the budget since
+        self._work_done: asyncio.Future | None = None  # resolved when work ahead goes: a batch ends, a release (room)
 
     async def infer(self, runner: ModelRunner, tensor: np.ndarray, admit: bool = True) -> dict[str, np.ndarray]:
         """The outputs of one image (C, H, W), computed in a batch with whatever else is queued; with `admit`,
@@ -185,21 +185,22 @@ class Batcher:
 
     def _release(self, key: int, images: int) -> None:
         self._reserved[key] -= images
+        self._wake_door()
 
     async def room(self) -> bool:
         """Whether a new request may be read: at once, unless shedding (overloaded); then after waiting up to half the
-        budget for the queue to drain. The wait paces clients that retry a 503 without pause: refused at once, they
-        would spend the CPU on refusals that the admitted requests need."""
+        budget for the work ahead to drop to half the budget. The wait paces clients that retry a 503 without pause:
+        refused at once, they would spend the CPU on refusals that the admitted requests need."""
         deadline = time.perf_counter() + self._budget() / 2
         while self.overloaded():
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 REFUSALS.labels(stage="door").inc()
                 return False
-            if self._batch_done is None:
-                self._batch_done = asyncio.get_running_loop().create_future()
+            if self._work_done is None:
+                self._work_done = asyncio.get_running_loop().create_future()
             with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError itself from Python 3.11
-                await asyncio.wait_for(asyncio.shield(self._batch_done), remaining)
+                await asyncio.wait_for(asyncio.shield(self._work_done), remaining)
         return True
 
     def overloaded(self) -> bool:
@@ -238,7 +239,7 @@ class Batcher:
     def _wait_s(self, runner: ModelRunner | None = None, images: int = 0) -> float:
         """How long until the queued and reserved images, then `images` more of `runner`, would be done."""
         cost = self._seconds_per_image
-        ahead = sum(cost.get(id(pending.runner), 0.0) for pending in self._queue)
+        ahead = sum(cost.get(id(pending.runner), 0.0) for pending in self._queue if not pending.future.done())
         ahead += sum(count * cost.get(key, 0.0) for key, count in self._reserved.items())
         return (ahead + images * cost.get(id(runner), 0.0)) / self.concurrency
 
@@ -258,6 +259,7 @@ class Batcher:
             if not request.started:
                 if now - request.enqueued > budget:
                     REFUSALS.labels(stage="deadline").inc()
+                    self._shedding = True
                     request.refuse()
                     continue
                 request.started = True
@@ -279,9 +281,13 @@ class Batcher:
     def _finished(self, task: asyncio.Task) -> None:
         self._running.discard(task)
         self._ready.set()  # a slot is free: take what queued meanwhile
-        if self._batch_done is not None:
-            self._batch_done.set_result(None)
-            self._batch_done = None
+        self._wake_door()
+
+    def _wake_door(self) -> None:
+        """Let the requests waiting in `room` look again: some work ahead has gone."""
+        if self._work_done is not None:
+            self._work_done.set_result(None)
+            self._work_done = None
 
     async def _run(self, batch: list[_Pending]) -> None:
         timings: dict[int, float] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import io
 import re
@@ -151,6 +152,30 @@ def test_a_request_that_waited_too_long_is_refused_whole(repository: ModelReposi
     assert len(busy) == 4 and isinstance(late, Overloaded)
     assert runner.sizes == [2, 2]
     assert _refusals()["deadline"] == before["deadline"] + 1
+
+
+def test_images_whose_client_left_are_not_work_ahead(repository: ModelRepository) -> None:
+    """Six queued images (0.6 s, three times the budget) whose request was cancelled do not get the next one refused."""
+    runner = Slow(repository.get("chest_xray").runner, seconds=0.1)
+    batcher = Batcher(max_batch_size=2, max_latency_ms=100)  # once the cost is known: a budget of 0.2 s
+    zeros = np.zeros((1, 16, 16), np.float32)
+
+    async def calls() -> dict[str, np.ndarray]:
+        await batcher.infer(runner, zeros)  # 0.1 s per image
+        busy = asyncio.ensure_future(batcher.infer_many(runner, [zeros] * 2, admit=False))
+        await asyncio.sleep(0.01)
+        gone = asyncio.ensure_future(batcher.infer_many(runner, [zeros] * 6, admit=False))
+        await asyncio.sleep(0)
+        gone.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+        result = await batcher.infer(runner, zeros)
+        await busy
+        return result
+
+    result = asyncio.run(calls())
+    batcher.close()
+    assert "probabilities" in result
 
 
 @pytest.fixture
