@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("bentoml.imageai")
 
 UPLOAD_FIELD = "image"
-OVERLOADED_MESSAGE = "the server is too busy to answer in time; retry shortly"
 UI_PAGE = Path(__file__).parent / "static" / "ui.html"
 # the page's script and styles are inline; nothing else may load (no third-party code near clinical images)
 UI_HEADERS = {
@@ -62,6 +61,11 @@ class ApiError(Exception):
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def overloaded() -> ApiError:
+    """The 503 of every overload refusal: the door, admission, the queue's deadline, BentoML's dispatcher."""
+    return ApiError(503, "overloaded", "the server is too busy to answer in time; retry shortly", {"Retry-After": "1"})
 
 
 def current_service() -> ImageAI:
@@ -126,11 +130,12 @@ async def refuse_when_overloaded() -> None:
     admitted ones need."""
     batcher = current_service().batcher
     if batcher is not None and not await batcher.room():
-        raise ApiError(503, "overloaded", OVERLOADED_MESSAGE, {"Retry-After": "1"})
+        raise overloaded()
 
 
 async def _uploads(request: Request, max_files: int) -> list[Upload]:
-    """The file fields `image` of a multipart body, refusing oversized bodies unread."""
+    """The file fields `image` of a multipart body, refusing oversized bodies unread, and every body while the
+    batcher sheds load (`refuse_when_overloaded`)."""
     await refuse_when_overloaded()
     limit = current_service().settings.max_upload_bytes
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -194,7 +199,7 @@ def admitted(runner: ModelRunner, images: int) -> contextlib.AbstractContextMana
     try:
         return batcher.reserve(runner, images)
     except Overloaded:
-        raise ApiError(503, "overloaded", OVERLOADED_MESSAGE, {"Retry-After": "1"}) from None
+        raise overloaded() from None
 
 
 async def _decoded(request: Request, runner: ModelRunner, convert: Callable[..., np.ndarray]) -> np.ndarray:
@@ -223,12 +228,12 @@ async def infer_many(runner: ModelRunner, tensors: list[np.ndarray], admit: bool
         try:
             return await batcher.infer_many(runner, tensors, admit)
         except Overloaded:
-            raise ApiError(503, "overloaded", OVERLOADED_MESSAGE, {"Retry-After": "1"}) from None
+            raise overloaded() from None
     try:
         results = await current_service().to_async.infer([InferItem.of(runner.card.name, t) for t in tensors])
     except BentoMLException as error:
         if error.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
-            raise ApiError(503, "overloaded", OVERLOADED_MESSAGE, {"Retry-After": "1"}) from None
+            raise overloaded() from None
         raise
     for result in results:
         if result.error is not None:
