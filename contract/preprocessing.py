@@ -68,7 +68,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, dicom: bool 
         raise ImageError("the image has no pixels")
     try:
         image.load()
-        return ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # not a copy: that would double the decoding's memory traffic
+        return image
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ImageError(f"the image data is truncated or corrupt ({error})") from None
 
