@@ -226,9 +226,14 @@ class Batcher:
         return request.pending
 
     def _admit(self, runner: ModelRunner, images: int) -> None:
-        """Refuse (Overloaded) `images` more of `runner` when the work ahead of them would exceed the budget. A lone
-        request is always taken, so that one slow batch cannot shut the service (no batches, no new estimate)."""
-        if self._has_work() and self._wait_s(runner, images) > self._budget():
+        """Refuse (Overloaded) `images` more of `runner` when the work ahead of them and their own would exceed the
+        budget. Their own work counts for at most half the budget: a request larger than the budget by itself (64
+        images of the emotion ensemble, ~4 s) could never fit behind anything, so it is taken while the work ahead is
+        under half the budget. A lone request is always taken, so that one slow batch cannot shut the service (no
+        batches, no new estimate)."""
+        budget = self._budget()
+        own = min(images * self._seconds_per_image.get(id(runner), 0.0) / self.concurrency, budget / 2)
+        if self._has_work() and self._wait_s() + own > budget:
             self._shedding = True
             REFUSALS.labels(stage="admission").inc()
             raise Overloaded
@@ -236,12 +241,12 @@ class Batcher:
     def _has_work(self) -> bool:
         return bool(self._queue) or any(self._reserved.values())
 
-    def _wait_s(self, runner: ModelRunner | None = None, images: int = 0) -> float:
-        """How long until the queued and reserved images, then `images` more of `runner`, would be done."""
+    def _wait_s(self) -> float:
+        """How long until the queued and reserved images would be done."""
         cost = self._seconds_per_image
         ahead = sum(cost.get(id(pending.runner), 0.0) for pending in self._queue if not pending.future.done())
         ahead += sum(count * cost.get(key, 0.0) for key, count in self._reserved.items())
-        return (ahead + images * cost.get(id(runner), 0.0)) / self.concurrency
+        return ahead / self.concurrency
 
     def _budget(self) -> float:
         """How long a request may wait: max_latency_ms, but never less than one full batch of the slowest model this

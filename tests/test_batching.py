@@ -119,6 +119,29 @@ def test_the_images_of_one_request_are_admitted_or_refused_together(repository: 
     np.testing.assert_allclose([result["probabilities"] for result in many], expected, atol=1e-6)
 
 
+def test_a_request_larger_than_the_budget_is_taken_while_little_is_ahead(repository: ModelRepository) -> None:
+    """Six images at 0.1 s each need 0.6 s, more than the 0.25-s budget by themselves, so they could never fit behind
+    anything: their own work counts for half the budget. Behind one queued image they are taken (0.1 + 0.125 s),
+    behind seven refused."""
+    runner = Slow(repository.get("chest_xray").runner, seconds=0.2)  # 0.1 s per image in batches of 2
+    batcher = Batcher(max_batch_size=2, max_latency_ms=250)
+    six = [np.zeros((1, 16, 16), np.float32)] * 6
+
+    async def calls() -> tuple[list[dict[str, np.ndarray]], object]:
+        await batcher.infer_many(runner, six[:2])  # the cost learnt: 0.1 s per image
+        busy = asyncio.ensure_future(batcher.infer_many(runner, six[:3]))
+        await asyncio.sleep(0.01)  # two of its images run, one is queued
+        taken = asyncio.ensure_future(batcher.infer_many(runner, six))
+        await asyncio.sleep(0)
+        refused = await asyncio.gather(batcher.infer_many(runner, six), return_exceptions=True)
+        await busy
+        return await taken, refused[0]
+
+    taken, refused = asyncio.run(calls())
+    batcher.close()
+    assert len(taken) == 6 and isinstance(refused, Overloaded)
+
+
 def test_a_request_whose_images_have_started_is_never_dropped_halfway(repository: ModelRepository) -> None:
     """Six images in batches of two at 0.08 s each: the last two wait 0.16 s, past the 0.1-s budget, yet they run,
     because the request's first images already have; dropping them would waste those and answer 503 all the same."""
