@@ -199,8 +199,9 @@ class Batcher:
                 return False
             if self._work_done is None:
                 self._work_done = asyncio.get_running_loop().create_future()
-            with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError itself from Python 3.11
-                await asyncio.wait_for(asyncio.shield(self._work_done), remaining)
+            # asyncio.wait leaves the shared future alone on timeout, and unlike wait_for on Python 3.10-3.11 it
+            # cannot swallow a cancellation (the client left) that races with the future's completion
+            await asyncio.wait([self._work_done], timeout=remaining)
         return True
 
     def overloaded(self) -> bool:
