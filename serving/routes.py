@@ -8,16 +8,18 @@ mistakes are 4xx, never 500.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import io
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import anyio.to_thread
 import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from serving.service import ImageAI
 
 logger = logging.getLogger("bentoml.imageai")
+T = TypeVar("T")
 
 UPLOAD_FIELD = "image"
 UI_PAGE = Path(__file__).parent / "static" / "ui.html"
@@ -162,6 +165,19 @@ async def _uploads(request: Request, max_files: int) -> list[Upload]:
         await form.close()
 
 
+# Decoding, resizing and onnxruntime release the GIL, so they run in threads. asyncio's executor hands a call to a
+# thread for about a third of the CPU that anyio.to_thread.run_sync takes under load (docs/performance.md); as
+# many threads as anyio's default limit, started as needed.
+_THREADS = ThreadPoolExecutor(max_workers=40, thread_name_prefix="imageai-preprocess")
+
+
+async def in_thread(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` in a worker thread, in a copy of the caller's context (the request's log fields), awaited:
+    what asyncio.to_thread does, on a pool of our own rather than the loop's default (a few threads for DNS too)."""
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(_THREADS, context.run, function, *args)
+
+
 def _convert(convert: Callable[..., np.ndarray], upload: Upload, spec: InputSpec, max_pixels: int) -> np.ndarray:
     """`convert` (preprocess, or load_pixels) on one upload; decoding problems become 4xx.
 
@@ -207,7 +223,7 @@ async def _decoded(request: Request, runner: ModelRunner, convert: Callable[...,
     upload = (await _uploads(request, max_files=4))[-1]
     max_pixels = current_service().settings.max_pixels
     with admitted(runner, 1):
-        return await anyio.to_thread.run_sync(_convert, convert, upload, runner.card.input, max_pixels)
+        return await in_thread(_convert, convert, upload, runner.card.input, max_pixels)
 
 
 async def _infer_upload(request: Request, runner: ModelRunner) -> dict[str, np.ndarray]:
@@ -315,7 +331,7 @@ async def _answer_batch(request: Request, answer: Answer) -> Response:
     settings = current_service().settings
     uploads = await _uploads(request, max_files=settings.max_images_per_request)
     with admitted(runner, len(uploads)):
-        converted = await anyio.to_thread.run_sync(_convert_each, uploads, card.input, settings.max_pixels)
+        converted = await in_thread(_convert_each, uploads, card.input, settings.max_pixels)
     tensors = [item for item in converted if not isinstance(item, ApiError)]
     outputs = iter(await infer_many(runner, tensors, admit=False) if tensors else [])
     results: list[dict[str, Any]] = []
@@ -380,7 +396,7 @@ async def _explained(explainer: ModelRunner, tensor: np.ndarray) -> dict[str, np
     batch API names a model and always runs its prediction outputs only."""
     if current_service().batcher is not None:
         return await infer_one(explainer, tensor, admit=False)
-    outputs = await anyio.to_thread.run_sync(explainer.run, tensor[None])
+    outputs = await in_thread(explainer.run, tensor[None])
     return {name: value[0] for name, value in outputs.items()}
 
 

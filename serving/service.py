@@ -14,7 +14,6 @@ import logging
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 
-import anyio.to_thread
 import bentoml
 import numpy as np
 from starlette.applications import Starlette
@@ -27,7 +26,7 @@ from serving.config import Settings
 from serving.guard import AdmissionGuard
 from serving.keepalive import ConnectionRecycler
 from serving.repository import ModelRepository
-from serving.routes import ROUTES, http_error
+from serving.routes import ROUTES, http_error, in_thread
 from serving.v2 import V2_ROUTES
 
 logger = logging.getLogger("bentoml.imageai")
@@ -113,7 +112,7 @@ class ImageAI:
         runners = [entry.runner for entry in self.repository if entry.runner is not None]
         try:
             for runner in runners:
-                await anyio.to_thread.run_sync(runner.warm_up, sizes)
+                await in_thread(runner.warm_up, sizes)
             for runner in runners:
                 item = InferItem.of(runner.card.name, np.zeros(runner.input_shape, dtype=np.float32))
                 for size in sizes:
