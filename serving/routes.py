@@ -165,10 +165,11 @@ async def _uploads(request: Request, max_files: int) -> list[Upload]:
         await form.close()
 
 
-# Decoding, resizing and onnxruntime release the GIL, so they run in threads. asyncio's executor hands a call to a
-# thread for about a third of the CPU that anyio.to_thread.run_sync takes under load (docs/performance.md); as
-# many threads as anyio's default limit, started as needed.
-_THREADS = ThreadPoolExecutor(max_workers=40, thread_name_prefix="imageai-preprocess")
+# Decoding, resizing and onnxruntime release the GIL, so they run in threads: decoding uploads, warm-up, explanations
+# without the batcher. asyncio's executor hands a call to a thread for about a third of the CPU that
+# anyio.to_thread.run_sync takes under load (docs/performance.md); as many threads as anyio's default limit, started
+# as needed.
+_THREADS = ThreadPoolExecutor(max_workers=40, thread_name_prefix="imageai-offload")
 
 
 async def in_thread(function: Callable[..., T], *args: Any) -> T:
