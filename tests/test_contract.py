@@ -57,6 +57,20 @@ def test_exif_orientation_is_applied() -> None:
     assert error < 4  # upright, not turned the wrong way (which would mirror the gradient: error ≈ 128)
 
 
+def test_a_colour_jpeg_for_a_grayscale_model_is_decoded_straight_to_luma() -> None:
+    """Grey content stored as RGB (the chest X-ray dataset's JPEGs) gives the very pixels of decoding to RGB and
+    converting; a colour photo gives pixels within a few grey levels of that."""
+    rng = np.random.default_rng(0)
+    colour = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).resize((64, 48))
+    grey_as_rgb = gradient("RGB", size=(64, 48))
+    spec = InputSpec(channels=1, height=24, width=32)
+    for image, tolerance in ((grey_as_rgb, 0), (colour, 8)):
+        data = encode(image, "JPEG", quality=90)
+        assert decode_image(data, grayscale=True).mode == "L" and decode_image(data).mode == "RGB"
+        via_rgb = np.asarray(decode_image(data).convert("L").resize((32, 24), Image.Resampling.BILINEAR), dtype=int)
+        assert np.abs(load_pixels(data, spec)[0].astype(int) - via_rgb).max() <= tolerance
+
+
 def test_rgba_is_composited_on_black() -> None:
     transparent = Image.new("RGBA", (8, 8), (255, 255, 255, 0))
     assert load_pixels(encode(transparent), GRAY).max() == 0
