@@ -70,9 +70,9 @@ def decode_image(
         raise TooManyPixels(f"the image has {width}x{height} pixels, over the limit of {max_pixels}")
     if width < 1 or height < 1:
         raise ImageError("the image has no pixels")
-    if grayscale and image.format == "JPEG" and image.mode == "RGB":
-        image.draft("L", None)  # the colour space only; None keeps the full size
     try:
+        if grayscale and image.format == "JPEG" and image.mode == "RGB":
+            image.draft("L", None)  # the colour space only; None keeps the full size
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # not a copy: that would double the decoding's memory traffic
         return image
