@@ -135,8 +135,8 @@ class Batcher:
 
     Each batch runs in its own inference thread (onnxruntime's run is thread-safe), so that with single-threaded
     sessions one process can keep several cores busy. Shedding: a request is refused with :class:`Overloaded` when
-    the images queued ahead of it would take longer than ``max_latency_ms`` at each model's measured cost per image
-    (a queue of 1-ms chest X-rays and 70-ms emotion ensembles is not judged by one average), and
+    the images ahead of it and its own would exceed the latency budget (`_admit`, `_budget`) at each model's measured
+    cost per image (a queue of 1-ms chest X-rays and 70-ms emotion ensembles is not judged by one average), and
     dropped, all its images, when it has already waited that long before the first of them starts. Batches of
     several models run as one onnxruntime call per model, one after another.
     """
