@@ -329,18 +329,30 @@ def naive(model_folder: Path, settings: Settings, workdir: Path, onnx_file: str,
         server.stop()
 
 
-def batch_size_stats(metrics: str) -> dict[str, float]:
-    """Sums and counts of the adaptive-batching and onnxruntime-call histograms, over every worker."""
-    totals = dict.fromkeys(("adaptive_sum", "adaptive_count", "ort_sum", "ort_count"), 0.0)
-    patterns = {
-        "adaptive": r"^bentoml_service_adaptive_batch_size_(sum|count)\{[^}]*method_name=\"infer\"[^}]*\}\s+(\S+)",
-        "ort": r"^imageai_model_batch_size_(sum|count)\{[^}]*\}\s+(\S+)",
-    }
+SERVICE_HISTOGRAMS = {  # key -> the histogram on the service's /metrics whose sums and counts are read
+    "adaptive": "bentoml_service_adaptive_batch_size",
+    "ort": "imageai_model_batch_size",
+    "preprocess": "imageai_preprocess_seconds",
+    "queue": "imageai_queue_seconds",
+    "inference": "imageai_inference_seconds",
+}
+
+
+def service_stats(metrics: str) -> dict[str, float]:
+    """Sums and counts of the service's batch-size and stage histograms, over every worker and model."""
+    totals = {f"{key}_{series}": 0.0 for key in SERVICE_HISTOGRAMS for series in ("sum", "count")}
     for line in metrics.splitlines():
-        for key, pattern in patterns.items():
-            if match := re.match(pattern, line):
+        for key, name in SERVICE_HISTOGRAMS.items():
+            if key == "adaptive" and 'method_name="infer"' not in line:
+                continue
+            if match := re.match(rf"^{name}_(sum|count)\{{[^}}]*\}}\s+(\S+)", line):
                 totals[f"{key}_{match.group(1)}"] += float(match.group(2))
     return totals
+
+
+def _mean_change(before: dict[str, float], after: dict[str, float], key: str) -> float | None:
+    count = after[f"{key}_count"] - before[f"{key}_count"]
+    return (after[f"{key}_sum"] - before[f"{key}_sum"]) / count if count else None
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -362,6 +374,8 @@ class Run:
     images_per_request: int = 1
     adaptive_batch_mean: float | None = None
     ort_batch_mean: float | None = None
+    # the service's mean ms per image preprocessed, per request queued and per onnxruntime call (its /metrics)
+    stage_ms: dict[str, float | None] = field(default_factory=dict)
     generator_cpu_share: float = 0.0  # of the whole machine
     server_cpu_cores: float = 0.0
     raw: dict = field(default_factory=dict)
@@ -380,7 +394,7 @@ class Generator:
             f"--timeout={self.timeout_s}s", "--latency", "-s", str(LUA_SCRIPT), server.url + path,
             "--", path, BOUNDARY, f"{think_ms:.3f}", *map(str, self.bodies),
         ]  # fmt: skip
-        before_metrics = batch_size_stats(http_get(server.url + "/metrics")[1]) if server.name == "service" else None
+        before_metrics = service_stats(http_get(server.url + "/metrics")[1]) if server.name == "service" else None
         before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
         server_before, started = server.cpu_seconds(), time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True, timeout=seconds + self.timeout_s + 60)
@@ -415,11 +429,12 @@ class Generator:
             raw=raw,
         )
         if before_metrics is not None:
-            after = batch_size_stats(http_get(server.url + "/metrics")[1])
-            for key in ("adaptive", "ort"):
-                count = after[f"{key}_count"] - before_metrics[f"{key}_count"]
-                mean = (after[f"{key}_sum"] - before_metrics[f"{key}_sum"]) / count if count else None
-                setattr(run, f"{key}_batch_mean" if key == "ort" else "adaptive_batch_mean", mean)
+            after = service_stats(http_get(server.url + "/metrics")[1])
+            run.adaptive_batch_mean = _mean_change(before_metrics, after, "adaptive")
+            run.ort_batch_mean = _mean_change(before_metrics, after, "ort")
+            for stage in ("preprocess", "queue", "inference"):
+                seconds = _mean_change(before_metrics, after, stage)
+                run.stage_ms[stage] = None if seconds is None else seconds * 1000
         return run
 
 
@@ -741,7 +756,22 @@ def summarize(report: dict, results: dict[str, list[Run]], half: dict[str, Run])
     for name in ("naive", "naive_tuned"):
         if name in half:
             print(f"{name} at the same offered rate: p99 {half[name].p99_ms:.1f} ms")
+    for label, run in (("one connection", single), ("half saturation", half.get("service"))):
+        if run is not None and run.stage_ms.get("inference") is not None:
+            print(f"service at {label}: {where_the_time_went(run)}")
     return ratios
+
+
+def where_the_time_went(run: Run) -> str:
+    """The service's mean latency split by its /metrics stage histograms; inference is per onnxruntime call, which
+    a request shares with the rest of its batch."""
+    stages = {stage: run.stage_ms.get(stage) or 0.0 for stage in ("preprocess", "queue", "inference")}
+    rest = run.mean_ms - sum(stages.values())
+    return (
+        f"mean {run.mean_ms:.1f} ms = preprocessing {stages['preprocess']:.2f} + queue {stages['queue']:.2f} + "
+        f"inference {stages['inference']:.2f} (calls of {_fmt(run.ort_batch_mean, 2)} images) + the rest (HTTP, "
+        f"multipart, hand-offs, the generator) {rest:.2f}"
+    )
 
 
 if __name__ == "__main__":

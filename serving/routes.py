@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import io
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from starlette.routing import Route
 
 from contract.card import InputSpec, ModelCard
 from contract.preprocessing import DICOM_MEDIA_TYPE, ImageError, TooManyPixels, load_pixels, normalize, preprocess
-from serving.batching import InferItem, Overloaded
+from serving.batching import PREPROCESS_SECONDS, InferItem, Overloaded, for_model
 from serving.explain import overlay_png, scaled_map
 from serving.openapi import openapi_document
 from serving.repository import AUTOENCODER_OUTPUTS, CLASSIFIER_OUTPUT, ModelEntry, ModelRunner
@@ -179,13 +180,14 @@ async def in_thread(function: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(_THREADS, context.run, function, *args)
 
 
-def _convert(convert: Callable[..., np.ndarray], upload: Upload, spec: InputSpec, max_pixels: int) -> np.ndarray:
-    """`convert` (preprocess, or load_pixels) on one upload; decoding problems become 4xx.
+def _convert(convert: Callable[..., np.ndarray], upload: Upload, card: ModelCard, max_pixels: int) -> np.ndarray:
+    """`convert` (preprocess, or load_pixels) on one upload for `card`'s model, timed; decoding problems become 4xx.
 
     DICOM is recognised by its content, or by the part's declared type application/dicom (files without preamble).
     """
+    started = time.perf_counter()
     try:
-        return convert(upload.data, spec, max_pixels, upload.media_type == DICOM_MEDIA_TYPE)
+        converted = convert(upload.data, card.input, max_pixels, upload.media_type == DICOM_MEDIA_TYPE)
     except TooManyPixels as error:
         raise ApiError(413, error.code, str(error)) from None
     except ImageError as error:
@@ -193,14 +195,16 @@ def _convert(convert: Callable[..., np.ndarray], upload: Upload, spec: InputSpec
     except (OSError, ValueError, SyntaxError):
         logger.warning("an upload decoded but could not be converted", exc_info=True)
         raise ApiError(422, ImageError.code, "the image could not be converted to the model's input") from None
+    for_model(PREPROCESS_SECONDS, card.name).observe(time.perf_counter() - started)
+    return converted
 
 
-def _convert_each(uploads: list[Upload], spec: InputSpec, max_pixels: int) -> list[np.ndarray | ApiError]:
+def _convert_each(uploads: list[Upload], card: ModelCard, max_pixels: int) -> list[np.ndarray | ApiError]:
     """Preprocess the images of a batch request; a bad image is an error of its own, not of the request."""
     converted: list[np.ndarray | ApiError] = []
     for upload in uploads:
         try:
-            converted.append(_convert(preprocess, upload, spec, max_pixels))
+            converted.append(_convert(preprocess, upload, card, max_pixels))
         except ApiError as error:
             converted.append(error)
     return converted
@@ -224,7 +228,7 @@ async def _decoded(request: Request, runner: ModelRunner, convert: Callable[...,
     upload = (await _uploads(request, max_files=4))[-1]
     max_pixels = current_service().settings.max_pixels
     with admitted(runner, 1):
-        return await in_thread(_convert, convert, upload, runner.card.input, max_pixels)
+        return await in_thread(_convert, convert, upload, runner.card, max_pixels)
 
 
 async def _infer_upload(request: Request, runner: ModelRunner) -> dict[str, np.ndarray]:
@@ -332,7 +336,7 @@ async def _answer_batch(request: Request, answer: Answer) -> Response:
     settings = current_service().settings
     uploads = await _uploads(request, max_files=settings.max_images_per_request)
     with admitted(runner, len(uploads)):
-        converted = await in_thread(_convert_each, uploads, card.input, settings.max_pixels)
+        converted = await in_thread(_convert_each, uploads, card, settings.max_pixels)
     tensors = [item for item in converted if not isinstance(item, ApiError)]
     outputs = iter(await infer_many(runner, tensors, admit=False) if tensors else [])
     results: list[dict[str, Any]] = []

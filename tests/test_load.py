@@ -96,3 +96,6 @@ def test_serving_benchmark_runs_every_part(model_repository: Path, tmp_path: Pat
     ratios = report["ratios"]
     for key in ("service_over_limit", "service_batch_over_limit", "p99_half_over_single"):
         assert ratios[key] > 0, key
+    stages = report["half_saturation"]["service"]["stage_ms"]  # read from the service's /metrics
+    assert stages["preprocess"] > 0 and stages["queue"] >= 0 and stages["inference"] > 0, stages
+    assert "service at half saturation: mean" in result.stdout

@@ -428,16 +428,45 @@ def test_bad_inputs_get_4xx_json_and_the_service_keeps_serving(server: Server, p
     assert _post(server, "/chest_xray/predict", png(0)).status_code == 200
 
 
+def _series(text: str, name: str, model: str) -> float:
+    """One series of /metrics for one model (`imageai_model_batch_size_sum`, …); 0 when not exported yet."""
+    match = re.search(rf'^{name}\{{(?:le="[^"]*",)?model="{model}"\}} (\S+)$', text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
 def _batch_histogram(server: Server, model: str) -> tuple[float, float, float]:
     """(images, onnxruntime calls, calls with a single image) so far for one model, from /metrics."""
     text = httpx.get(server.url + "/metrics").text
+    histogram = "imageai_model_batch_size"
+    single = re.search(rf'^{histogram}_bucket{{le="1.0",model="{model}"}} (\S+)$', text, re.MULTILINE)
+    return (
+        _series(text, f"{histogram}_sum", model),
+        _series(text, f"{histogram}_count", model),
+        float(single.group(1)) if single else 0.0,
+    )
 
-    def value(series: str) -> float:
-        match = re.search(rf'^imageai_model_batch_size_{series}\S*model="{model}"\S* (\S+)$', text, re.MULTILINE)
-        return float(match.group(1)) if match else 0.0
 
-    single = re.search(rf'^imageai_model_batch_size_bucket{{le="1.0",model="{model}"}} (\S+)$', text, re.MULTILINE)
-    return value("sum"), value("count"), float(single.group(1)) if single else 0.0
+STAGES = ("imageai_preprocess_seconds", "imageai_queue_seconds", "imageai_inference_seconds")
+
+
+def _stage_seconds(server: Server, model: str) -> dict[str, tuple[float, float]]:
+    """(seconds, observations) so far of each stage histogram for one model, from /metrics."""
+    text = httpx.get(server.url + "/metrics").text
+    return {stage: (_series(text, f"{stage}_sum", model), _series(text, f"{stage}_count", model)) for stage in STAGES}
+
+
+@pytest.mark.slow
+def test_metrics_say_where_a_request_spent_its_time(server: Server, png: PNG) -> None:
+    before = _stage_seconds(server, "chest_xray")
+    started = time.perf_counter()
+    assert _post(server, "/chest_xray/predict", png(3)).status_code == 200
+    elapsed = time.perf_counter() - started
+    after = _stage_seconds(server, "chest_xray")
+    seconds = {stage: after[stage][0] - before[stage][0] for stage in STAGES}
+    print({stage: f"{value * 1000:.2f} ms" for stage, value in seconds.items()}, f"of {elapsed * 1000:.2f} ms")
+    assert all(after[stage][1] - before[stage][1] == 1 for stage in STAGES)  # one observation each
+    assert seconds["imageai_preprocess_seconds"] > 0 and seconds["imageai_inference_seconds"] > 0
+    assert sum(seconds.values()) < elapsed  # stages of this request, inside its latency
 
 
 @pytest.mark.slow
