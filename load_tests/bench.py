@@ -15,7 +15,12 @@
    and the framework differ);
 4. half saturation: both servers at an offered rate of half the service's peak (wrk connections with exponential
    think times, close to open-loop arrivals); its p99 against the service's single-request latency (p50 at
-   concurrency 1).
+   concurrency 1);
+5. side by side (``--rounds``, 3): the goals' ratios again, from figures measured back to back, round after round:
+   the limit, the service at one connection, at half saturation and at its peak concurrency, then both naive
+   servers at that concurrency, all three servers up at once. The parts above are minutes apart, and a shared
+   machine's speed can move by half in that time (measured on this project's VMs); these ratios are the headline.
+   The service's mean latency is also split by its /metrics stage histograms (preprocessing, queue, inference).
 
 The load generator is Debian's ``wrk`` (C, one thread, a Lua script posting prebuilt multipart bodies of real image
 bytes), pinned with ``taskset`` to one core (``--generator-cpus``); the servers may use every core. Both servers
@@ -47,7 +52,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -464,6 +469,44 @@ def at_rate(generator: Generator, server: Server, path: str, rate: float, connec
     return run
 
 
+def side_by_side(
+    rounds: int,
+    generator: Generator,
+    servers: dict[str, Server],
+    path: str,
+    measure_limit: Callable[[], float],
+    concurrency: int,
+    half: Run | None,
+    seconds: float,
+    warmup: float,
+) -> list[dict[str, float]]:
+    """The goals' ratios from measurements taken close together, `rounds` times over: the limit, then the service
+    at one connection, at the half-saturation rate (the think times of `half`) and at `concurrency`, then each naive
+    server at `concurrency`, about a minute per round. A shared machine's speed can move by half within minutes, so
+    ratios of figures taken minutes apart (the sweeps) measure the drift as much as the servers."""
+    measured = []
+    for number in range(1, rounds + 1):
+        figures: dict[str, float] = {"limit": measure_limit()}
+        service = servers["service"]
+        single = generator.run(service, path, 1, seconds)
+        figures["single_p50_ms"] = single.p50_ms
+        if half is not None:
+            at_half = generator.run(service, path, half.concurrency, seconds, half.think_ms)
+            figures["half_rate"], figures["half_p99_ms"] = at_half.images_per_s, at_half.p99_ms
+            figures["p99_half_over_single"] = at_half.p99_ms / single.p50_ms
+        for name, server in servers.items():
+            if warmup > 0:
+                generator.run(server, path, concurrency, warmup)
+            figures[name] = generator.run(server, path, concurrency, seconds).images_per_s
+        figures["service_over_limit"] = figures["service"] / figures["limit"]
+        for name in ("naive", "naive_tuned"):
+            if name in figures:
+                figures[f"service_over_{name}"] = figures["service"] / figures[name]
+        print(f"round {number}: " + ", ".join(f"{key} {value:.2f}" for key, value in figures.items()), flush=True)
+        measured.append(figures)
+    return measured
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -534,6 +577,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--half-connections", type=int, default=16, help="wrk connections of the half-saturation run")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="side by side: rounds of the limit, the service (one connection, half saturation, its peak concurrency) "
+        "and the naive servers at that concurrency, measured back to back; the ratios of the goals come from these",
+    )
+    parser.add_argument(
         "--env",
         action="append",
         default=[],
@@ -546,7 +596,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated parts to leave out: limit, service, service_batch, naive, naive_tuned, half",
+        help="comma-separated parts to leave out: limit, service, service_batch, naive, naive_tuned, half, "
+        "side_by_side",
     )
     parser.add_argument("--generator-cpus", default=str(max(os.sched_getaffinity(0))), help="taskset list for wrk")
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk", help="wrk binary (Debian: apt-get install wrk)")
@@ -657,6 +708,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                         )
                     report["service_log_tail"] = server.log_tail(4000)
 
+        if "side_by_side" not in skip and "limit" in report and "service" in results and args.rounds > 0:
+            peak = max(results["service"], key=lambda run: run.images_per_s).concurrency
+            print(f"\nside by side at {peak} connections, {args.rounds} rounds", flush=True)
+            with contextlib.ExitStack() as stack:
+                running = {name: stack.enter_context(launch()) for name, launch in servers if name not in skip}
+                for server in running.values():
+                    server.wait_ready(args.ready_timeout, consecutive=2 * settings.workers)
+                best = report["limit"]["batch_size"]
+                report["side_by_side"] = side_by_side(
+                    args.rounds,
+                    generator,
+                    running,
+                    path,
+                    lambda: run_limit(folder, settings, data, [(best, args.limit_seconds)], args.io_binding)[best],
+                    peak,
+                    half.get("service"),
+                    args.seconds,
+                    args.warmup,
+                )
+
     report["runs"] = {name: [asdict(run) for run in runs] for name, runs in results.items()}
     report["half_saturation"] = {name: asdict(run) for name, run in half.items()}
     report["ratios"] = summarize(report, results, half)
@@ -695,6 +766,12 @@ def markdown(report: dict) -> str:
             f"{run['p95_ms']:.1f} | {run['p99_ms']:.1f} | {run['errors']} | {_fmt(batch)} | "
             f"{run['generator_cpu_share']:.1%} | {run['server_cpu_cores']:.2f} |"
         )
+    if report.get("side_by_side"):
+        keys = list(report["side_by_side"][0])
+        lines += ["", "Side by side (each round measured back to back):", ""]
+        lines += ["| round | " + " | ".join(keys) + " |", "|---:|" + "---:|" * len(keys)]
+        for number, figures in enumerate(report["side_by_side"], 1):
+            lines.append(f"| {number} | " + " | ".join(_fmt(figures.get(key), 2) for key in keys) + " |")
     ratios = report.get("ratios", {})
     lines += ["", "```", json.dumps(ratios, indent=1), "```", ""]
     return "\n".join(lines)
@@ -712,7 +789,7 @@ def summarize(report: dict, results: dict[str, list[Run]], half: dict[str, Run])
     if "limit" in report:
         value = peak.images_per_s / report["limit"]["images_per_s"]
         ratios["service_over_limit"] = value
-        print(f"service/limit: {value:.2f} (goal ≥ {GOALS['service_over_limit']})")
+        print(f"service/limit, sweeps minutes apart: {value:.2f} (goal ≥ {GOALS['service_over_limit']})")
     for name in ("naive", "naive_tuned"):
         runs = {run.concurrency: run for run in results.get(name, [])}
         if not runs:
@@ -727,7 +804,7 @@ def summarize(report: dict, results: dict[str, list[Run]], half: dict[str, Run])
         ratios[f"service_over_{name}_at_service_peak"] = by_level.get(peak.concurrency)
         ratios[f"service_peak_over_{name}_peak"] = peak.images_per_s / naive_peak.images_per_s
         print(
-            f"service/{name} at equal concurrency: "
+            f"service/{name} at equal concurrency, sweeps minutes apart: "
             + ", ".join(f"c={level}: {value:.2f}" for level, value in by_level.items())
             + f" (goal ≥ {GOALS['service_over_naive']}); peak/peak {ratios[f'service_peak_over_{name}_peak']:.2f}"
         )
@@ -756,10 +833,30 @@ def summarize(report: dict, results: dict[str, list[Run]], half: dict[str, Run])
     for name in ("naive", "naive_tuned"):
         if name in half:
             print(f"{name} at the same offered rate: p99 {half[name].p99_ms:.1f} ms")
+    if report.get("side_by_side"):
+        ratios["side_by_side"] = side_by_side_summary(report["side_by_side"])
     for label, run in (("one connection", single), ("half saturation", half.get("service"))):
         if run is not None and run.stage_ms.get("inference") is not None:
             print(f"service at {label}: {where_the_time_went(run)}")
     return ratios
+
+
+def side_by_side_summary(rounds: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Median, lowest and highest of each goal's ratio over the side-by-side rounds, printed against the goals."""
+    goals = {
+        "service_over_limit": ("≥", GOALS["service_over_limit"]),
+        "service_over_naive": ("≥", GOALS["service_over_naive"]),
+        "service_over_naive_tuned": ("≥", GOALS["service_over_naive"]),
+        "p99_half_over_single": ("≤", GOALS["p99_half_over_single"]),
+    }
+    summary = {}
+    print(f"side by side, {len(rounds)} rounds (median, range):")
+    for key, (sign, goal) in goals.items():
+        values = [figures[key] for figures in rounds if key in figures]
+        if values:
+            summary[key] = {"median": float(np.median(values)), "min": min(values), "max": max(values)}
+            print(f"  {key}: {summary[key]['median']:.2f} ({min(values):.2f}–{max(values):.2f}); goal {sign} {goal}")
+    return summary
 
 
 def where_the_time_went(run: Run) -> str:

@@ -83,7 +83,7 @@ def test_serving_benchmark_runs_every_part(model_repository: Path, tmp_path: Pat
         sys.executable, "load_tests/bench.py", "--models-dir", str(model_repository), "--model", "chest_xray",
         "--concurrency", "1,4", "--seconds", "1", "--warmup", "0", "--limit-seconds", "1", "--sweep-seconds", "0.3",
         "--batch-sizes", "1,8", "--images-per-request", "4", "--count", "8", "--half-connections", "4",
-        "--env", "IMAGEAI_WORKERS=1", "--out", str(out),
+        "--env", "IMAGEAI_WORKERS=1", "--rounds", "1", "--out", str(out), "--markdown", str(tmp_path / "bench.md"),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -99,3 +99,8 @@ def test_serving_benchmark_runs_every_part(model_repository: Path, tmp_path: Pat
     stages = report["half_saturation"]["service"]["stage_ms"]  # read from the service's /metrics
     assert stages["preprocess"] > 0 and stages["queue"] >= 0 and stages["inference"] > 0, stages
     assert "service at half saturation: mean" in result.stdout
+    [side_by_side] = report["side_by_side"]  # one round of every server, measured back to back
+    assert {"limit", "service", "naive", "naive_tuned", "single_p50_ms", "half_p99_ms"} <= side_by_side.keys()
+    for key in ("service_over_limit", "service_over_naive", "service_over_naive_tuned", "p99_half_over_single"):
+        assert ratios["side_by_side"][key]["median"] == side_by_side[key] > 0, key
+    assert "Side by side" in (tmp_path / "bench.md").read_text()
