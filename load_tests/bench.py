@@ -17,9 +17,10 @@
    think times, close to open-loop arrivals); its p99 against the service's single-request latency (p50 at
    concurrency 1);
 5. side by side (``--rounds``, 3): the goals' ratios again, from figures measured back to back, round after round:
-   the limit, the service at one connection, at half saturation and at its peak concurrency, then both naive
-   servers at that concurrency, all three servers up at once. The parts above are minutes apart, and a shared
-   machine's speed can move by half in that time (measured on this project's VMs); these ratios are the headline.
+   the limit, the service at its peak concurrency, the limit again, both naive servers at that concurrency, the
+   service at one connection and at half saturation, all three servers up at once, the service's throughput divided
+   by the mean of the two limits around it. The parts above are minutes apart, and a shared machine's speed can move
+   by half in that time (measured on this project's VMs); these ratios are the headline.
    The service's mean latency is also split by its /metrics stage histograms (preprocessing, queue, inference).
 
 The load generator is Debian's ``wrk`` (C, one thread, a Lua script posting prebuilt multipart bodies of real image
@@ -480,28 +481,31 @@ def side_by_side(
     seconds: float,
     warmup: float,
 ) -> list[dict[str, float]]:
-    """The goals' ratios from measurements taken close together, `rounds` times over: the limit, then the service
-    at one connection, at the half-saturation rate (the think times of `half`) and at `concurrency`, then each naive
-    server at `concurrency`, about a minute per round. A shared machine's speed can move by half within minutes, so
-    ratios of figures taken minutes apart (the sweeps) measure the drift as much as the servers."""
+    """The goals' ratios from measurements taken close together, `rounds` times over: the limit, the service at
+    `concurrency`, the limit again (the service is divided by the mean of the two around it), each naive server at
+    `concurrency`, then the service at one connection and at the half-saturation rate (the think times of `half`);
+    about a minute and a half per round. A shared machine's speed can move by half within minutes, so ratios of
+    figures taken minutes apart (the sweeps) measure the drift as much as the servers."""
     measured = []
     for number in range(1, rounds + 1):
-        figures: dict[str, float] = {"limit": measure_limit()}
-        service = servers["service"]
-        single = generator.run(service, path, 1, seconds)
-        figures["single_p50_ms"] = single.p50_ms
-        if half is not None:
-            at_half = generator.run(service, path, half.concurrency, seconds, half.think_ms)
-            figures["half_rate"], figures["half_p99_ms"] = at_half.images_per_s, at_half.p99_ms
-            figures["p99_half_over_single"] = at_half.p99_ms / single.p50_ms
+        figures: dict[str, float] = {"limit_before": measure_limit()}
         for name, server in servers.items():
             if warmup > 0:
                 generator.run(server, path, concurrency, warmup)
             figures[name] = generator.run(server, path, concurrency, seconds).images_per_s
+            if name == "service":
+                figures["limit_after"] = measure_limit()
+        figures["limit"] = (figures["limit_before"] + figures["limit_after"]) / 2
         figures["service_over_limit"] = figures["service"] / figures["limit"]
         for name in ("naive", "naive_tuned"):
             if name in figures:
                 figures[f"service_over_{name}"] = figures["service"] / figures[name]
+        single = generator.run(servers["service"], path, 1, seconds)
+        figures["single_p50_ms"] = single.p50_ms
+        if half is not None:
+            at_half = generator.run(servers["service"], path, half.concurrency, seconds, half.think_ms)
+            figures["half_rate"], figures["half_p99_ms"] = at_half.images_per_s, at_half.p99_ms
+            figures["p99_half_over_single"] = at_half.p99_ms / single.p50_ms
         print(f"round {number}: " + ", ".join(f"{key} {value:.2f}" for key, value in figures.items()), flush=True)
         measured.append(figures)
     return measured
@@ -580,8 +584,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=3,
-        help="side by side: rounds of the limit, the service (one connection, half saturation, its peak concurrency) "
-        "and the naive servers at that concurrency, measured back to back; the ratios of the goals come from these",
+        help="side by side: rounds of the limit, the service at its peak concurrency, the limit again, the naive "
+        "servers at that concurrency, the service at one connection and at half saturation, measured back to back; "
+        "the ratios of the goals come from these",
     )
     parser.add_argument(
         "--env",

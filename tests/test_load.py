@@ -100,7 +100,7 @@ def test_serving_benchmark_runs_every_part(model_repository: Path, tmp_path: Pat
     assert stages["preprocess"] > 0 and stages["queue"] >= 0 and stages["inference"] > 0, stages
     assert "service at half saturation: mean" in result.stdout
     [side_by_side] = report["side_by_side"]  # one round of every server, measured back to back
-    assert {"limit", "service", "naive", "naive_tuned", "single_p50_ms", "half_p99_ms"} <= side_by_side.keys()
+    assert {"limit_before", "service", "limit_after", "naive", "naive_tuned", "half_p99_ms"} <= side_by_side.keys()
     for key in ("service_over_limit", "service_over_naive", "service_over_naive_tuned", "p99_half_over_single"):
         assert ratios["side_by_side"][key]["median"] == side_by_side[key] > 0, key
     assert "Side by side" in (tmp_path / "bench.md").read_text()
