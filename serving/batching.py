@@ -42,23 +42,23 @@ MODEL_BATCH_SIZE = Histogram(
 # Where a request's time goes, as Triton's queue and compute durations: what a request's latency has beyond these
 # three is HTTP, multipart parsing, thread hand-offs and the answer's JSON.
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-PREPROCESS_SECONDS = Histogram(
-    name="imageai_preprocess_seconds",
-    documentation="Seconds to turn one upload into the model's input (decoding, resizing, normalising), by model",
-    labelnames=["model"],
-    buckets=SECONDS_BUCKETS,
+
+
+def _seconds_by_model(name: str, documentation: str) -> Histogram:
+    return Histogram(name=name, documentation=documentation, labelnames=["model"], buckets=SECONDS_BUCKETS)
+
+
+PREPROCESS_SECONDS = _seconds_by_model(
+    "imageai_preprocess_seconds",
+    "Seconds to turn one upload into the model's input (decoding, resizing, normalising), by model",
 )
-INFERENCE_SECONDS = Histogram(
-    name="imageai_inference_seconds",
-    documentation="Seconds of one onnxruntime call (a batch of imageai_model_batch_size images), by model",
-    labelnames=["model"],
-    buckets=SECONDS_BUCKETS,
+INFERENCE_SECONDS = _seconds_by_model(
+    "imageai_inference_seconds",
+    "Seconds of one onnxruntime call (a batch of imageai_model_batch_size images), by model",
 )
-QUEUE_SECONDS = Histogram(
-    name="imageai_queue_seconds",
-    documentation="Seconds a request's images waited in the batcher's queue until the first of them started, by model",
-    labelnames=["model"],
-    buckets=SECONDS_BUCKETS,
+QUEUE_SECONDS = _seconds_by_model(
+    "imageai_queue_seconds",
+    "Seconds a request's images waited in the batcher's queue until the first of them started, by model",
 )
 REFUSALS = Counter(
     name="imageai_overload_refusals",
