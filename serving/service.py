@@ -26,7 +26,7 @@ from serving.config import Settings
 from serving.guard import AdmissionGuard
 from serving.keepalive import ConnectionRecycler
 from serving.repository import ModelRepository
-from serving.routes import ROUTES, http_error, in_thread
+from serving.routes import ROUTES, current_service, http_error, in_thread
 from serving.v2 import V2_ROUTES
 
 logger = logging.getLogger("bentoml.imageai")
@@ -37,7 +37,7 @@ settings = Settings.from_env()
 @contextlib.asynccontextmanager
 async def _warm_up_in_background(_: Starlette) -> AsyncIterator[None]:
     """Entered by BentoML after the service instance exists; /readyz stays 503 until warm-up ends."""
-    task = asyncio.create_task(bentoml.get_current_service().warm_up())
+    task = asyncio.create_task(current_service().warm_up())
     yield
     task.cancel()
 
@@ -60,7 +60,7 @@ routes_app = Starlette(
 def _known_model(name: str, action: str) -> bool:
     """Whether /{name}/{action} reaches a loaded model (bounded metrics labels, serving.metrics_labels)."""
     try:
-        repository = bentoml.get_current_service().repository
+        repository = current_service().repository
     except Exception:  # not instantiated yet
         return False
     entry = repository.autoencoder(name) if action in ("reconstruct", "encode") else repository.get(name)
