@@ -21,7 +21,9 @@
    service at one connection and at half saturation, all three servers up at once, the service's throughput divided
    by the mean of the two limits around it. The parts above are minutes apart, and a shared machine's speed can move
    by half in that time (measured on this project's VMs); these ratios are the headline.
-   The service's mean latency is also split by its /metrics stage histograms (preprocessing, queue, inference).
+   The service's mean latency is also split by its /metrics stage histograms (preprocessing, queue, inference),
+   and its CPU per image by thread (event loop, decoding, inference: the OS thread names serving.threads gives,
+   read from /proc), against the limit's CPU per image.
 
 The load generator is Debian's ``wrk`` (C, one thread, a Lua script posting prebuilt multipart bodies of real image
 bytes), pinned with ``taskset`` to one core (``--generator-cpus``); the servers may use every core. Both servers
@@ -30,8 +32,8 @@ and printed for every run (``gen cpu``: share of the machine), as is the servers
 Prints a table, the ratios and the goals; writes everything to ``--out`` (JSON).
 
 GPU: ``--device cuda`` runs the limit on the CUDA provider (``--io-binding`` binds inputs and outputs on the
-device) and starts both servers with CUDA (IMAGEAI_DEVICE=cuda; naive: NAIVE_DEVICE=cuda). Not run on this project's
-machines, which have no GPU.
+device) and starts both servers with CUDA (IMAGEAI_DEVICE=cuda; naive: NAIVE_DEVICE=cuda); figures from a lent H100
+are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ from serving.config import Settings, available_cores  # noqa: E402
 BOUNDARY = "----imageai-bench-7d3f0c1b"
 LUA_SCRIPT = Path(__file__).with_name("wrk_multipart.lua")
 GOALS = {"service_over_limit": 0.8, "service_over_naive": 1.5, "p99_half_over_single": 2.5}
+THREAD_JOBS = {"imageai-infer": "inference", "imageai-offload": "decoding"}  # OS names from serving.threads
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -156,7 +159,7 @@ def _limit_process(
         for size, seconds in phases:
             run(prepare(size))
             barrier.wait()
-            done, started = 0, time.perf_counter()
+            done, started, cpu_started = 0, time.perf_counter(), time.process_time()
             upcoming = decoder.submit(prepare, size)
             while time.perf_counter() - started < seconds:
                 batch = upcoming.result()
@@ -165,7 +168,7 @@ def _limit_process(
                 done += size
             elapsed = time.perf_counter() - started
             upcoming.result()
-            results.put((size, done, elapsed))
+            results.put((size, done, elapsed, time.process_time() - cpu_started))
 
 
 def _io_binding_runner(runner):
@@ -185,9 +188,12 @@ def _io_binding_runner(runner):
     return run
 
 
-def run_limit(folder: Path, settings: Settings, images: list[bytes], phases: list[tuple[int, float]], io_binding: bool):
-    """Images/s per phase, summed over workers x batches-in-flight processes running at once (the service's
-    layout: as many sessions of as many intra-op threads running at the same time)."""
+def run_limit(
+    folder: Path, settings: Settings, images: list[bytes], phases: list[tuple[int, float]], io_binding: bool
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Images/s and ms of CPU per image (decoding and inference) by phase's batch size, over workers x
+    batches-in-flight processes running at once (the service's layout: as many sessions of as many intra-op threads
+    running at the same time)."""
     context = mp.get_context("spawn")
     streams = settings.workers * (settings.batches_in_flight if settings.batching == "direct" else 1)
     barrier, results = context.Barrier(streams), context.Queue()
@@ -213,12 +219,16 @@ def run_limit(folder: Path, settings: Settings, images: list[bytes], phases: lis
     for process in processes:
         process.start()
     rates: dict[int, float] = {}
+    images_done: dict[int, int] = {}
+    cpu_seconds: dict[int, float] = {}
     for _ in range(streams * len(phases)):
-        size, done, elapsed = results.get(timeout=600)
+        size, done, elapsed, cpu = results.get(timeout=600)
         rates[size] = rates.get(size, 0.0) + done / elapsed
+        images_done[size] = images_done.get(size, 0) + done
+        cpu_seconds[size] = cpu_seconds.get(size, 0.0) + cpu
     for process in processes:
         process.join()
-    return rates
+    return rates, {size: cpu_seconds[size] / images_done[size] * 1000 for size in rates if images_done[size]}
 
 
 # ------------------------------------------------------------------------------------------------ servers
@@ -271,6 +281,19 @@ class Server:
         except psutil.Error:
             return 0.0
 
+    def cpu_seconds_by_thread(self) -> dict[str, float]:
+        """CPU time so far of the worker processes' threads, by job: each worker's main thread runs its event loop;
+        serving.threads gives inference and decoding threads their names (Linux; exited threads are not counted)."""
+        import psutil
+
+        totals = dict.fromkeys(("event loop", "decoding", "inference", "other"), 0.0)
+        with contextlib.suppress(psutil.Error):
+            for process in psutil.Process(self.process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    for thread in process.threads():
+                        totals[_thread_job(process.pid, thread.id)] += thread.user_time + thread.system_time
+        return totals
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -279,6 +302,16 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+def _thread_job(pid: int, tid: int) -> str:
+    if tid == pid:
+        return "event loop"
+    try:
+        name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+    except OSError:  # the thread has just exited
+        return "other"
+    return next((job for prefix, job in THREAD_JOBS.items() if name.startswith(prefix)), "other")
 
 
 def start(name: str, command: list[str], env: dict[str, str], workdir: Path, port: int) -> Server:
@@ -382,6 +415,8 @@ class Run:
     ort_batch_mean: float | None = None
     # the service's mean ms per image preprocessed, per request queued and per onnxruntime call (its /metrics)
     stage_ms: dict[str, float | None] = field(default_factory=dict)
+    # the service's workers' ms of CPU per image, by thread: event loop, decoding, inference, other
+    cpu_ms_per_image: dict[str, float] = field(default_factory=dict)
     generator_cpu_share: float = 0.0  # of the whole machine
     server_cpu_cores: float = 0.0
     raw: dict = field(default_factory=dict)
@@ -400,12 +435,15 @@ class Generator:
             f"--timeout={self.timeout_s}s", "--latency", "-s", str(LUA_SCRIPT), server.url + path,
             "--", path, BOUNDARY, f"{think_ms:.3f}", *map(str, self.bodies),
         ]  # fmt: skip
-        before_metrics = service_stats(http_get(server.url + "/metrics")[1]) if server.name == "service" else None
+        is_service = server.name == "service"
+        before_metrics = service_stats(http_get(server.url + "/metrics")[1]) if is_service else None
+        threads_before = server.cpu_seconds_by_thread() if is_service else {}
         before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
         server_before, started = server.cpu_seconds(), time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True, timeout=seconds + self.timeout_s + 60)
         wall = time.perf_counter() - started
         server_cpu = server.cpu_seconds() - server_before
+        threads_after = server.cpu_seconds_by_thread() if is_service else {}
         after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
         lines = [line for line in result.stdout.splitlines() if line.startswith("WRK_JSON ")]
         if result.returncode != 0 or not lines:
@@ -434,6 +472,11 @@ class Generator:
             server_cpu_cores=server_cpu / wall,
             raw=raw,
         )
+        if ok:
+            images = ok * self.images_per_request
+            run.cpu_ms_per_image = {
+                job: (threads_after[job] - threads_before[job]) / images * 1000 for job in threads_after
+            }
         if before_metrics is not None:
             after = service_stats(http_get(server.url + "/metrics")[1])
             run.adaptive_batch_mean = _mean_change(before_metrics, after, "adaptive")
@@ -669,12 +712,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "limit" not in skip:
         sizes = sorted({int(size) for size in args.batch_sizes.split(",")})
         data = [image for _, image, _ in images]
-        sweep_rates = run_limit(folder, settings, data, [(size, args.sweep_seconds) for size in sizes], args.io_binding)
+        sweep_phases = [(size, args.sweep_seconds) for size in sizes]
+        sweep_rates, _ = run_limit(folder, settings, data, sweep_phases, args.io_binding)
         best = max(sweep_rates, key=sweep_rates.__getitem__)
-        rate = run_limit(folder, settings, data, [(best, args.limit_seconds)], args.io_binding)[best]
-        report["limit"] = {"images_per_s": rate, "batch_size": best, "sweep": sweep_rates}
+        rates, cpu_ms = run_limit(folder, settings, data, [(best, args.limit_seconds)], args.io_binding)
+        report["limit"] = {
+            "images_per_s": rates[best],
+            "batch_size": best,
+            "cpu_ms_per_image": cpu_ms.get(best),
+            "sweep": sweep_rates,
+        }
         sweep_text = ", ".join(f"{size}: {value:.0f}" for size, value in sweep_rates.items())
-        print(f"limit: {rate:.1f} images/s at batch size {best} (sweep, images/s by batch size: {sweep_text})")
+        print(
+            f"limit: {rates[best]:.1f} images/s at batch size {best}, {cpu_ms.get(best, 0.0):.2f} ms of CPU per image "
+            f"(sweep, images/s by batch size: {sweep_text})"
+        )
 
     with tempfile.TemporaryDirectory(prefix="imageai-bench-") as tmp:
         workdir = Path(tmp)
@@ -726,7 +778,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     generator,
                     running,
                     path,
-                    lambda: run_limit(folder, settings, data, [(best, args.limit_seconds)], args.io_binding)[best],
+                    lambda: run_limit(folder, settings, data, [(best, args.limit_seconds)], args.io_binding)[0][best],
                     peak,
                     half.get("service"),
                     args.seconds,
@@ -754,22 +806,25 @@ def markdown(report: dict) -> str:
         limit = report["limit"]
         sweep = ", ".join(f"{size}: {rate:.0f}" for size, rate in limit["sweep"].items())
         lines += [
-            f"Limit: **{limit['images_per_s']:.1f} images/s** at batch size {limit['batch_size']} "
-            f"(sweep, images/s by batch size: {sweep}).",
+            f"Limit: **{limit['images_per_s']:.1f} images/s** at batch size {limit['batch_size']}, "
+            f"{_fmt(limit.get('cpu_ms_per_image'), 2)} ms of CPU per image (sweep, images/s by batch size: {sweep}).",
             "",
         ]
     lines += [
-        "| server | conc. | images/s | p50 ms | p95 ms | p99 ms | errors | mean batch | generator CPU | server cores |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | conc. | images/s | p50 ms | p95 ms | p99 ms | errors | mean batch | generator CPU | server cores "
+        "| CPU ms per image: event loop + decoding + inference |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = [run for runs in report.get("runs", {}).values() for run in runs]
     rows += [{**run, "concurrency": f"{run['concurrency']} (½ sat.)"} for run in report["half_saturation"].values()]
     for run in rows:
         batch = run["adaptive_batch_mean"] or run["ort_batch_mean"]
+        cpu = run.get("cpu_ms_per_image") or {}
+        split = " + ".join(f"{cpu[job]:.2f}" for job in ("event loop", "decoding", "inference")) if cpu else "-"
         lines.append(
             f"| {run['server']} | {run['concurrency']} | {run['images_per_s']:.1f} | {run['p50_ms']:.1f} | "
             f"{run['p95_ms']:.1f} | {run['p99_ms']:.1f} | {run['errors']} | {_fmt(batch)} | "
-            f"{run['generator_cpu_share']:.1%} | {run['server_cpu_cores']:.2f} |"
+            f"{run['generator_cpu_share']:.1%} | {run['server_cpu_cores']:.2f} | {split} |"
         )
     if report.get("side_by_side"):
         keys = list(report["side_by_side"][0])
@@ -843,6 +898,10 @@ def summarize(report: dict, results: dict[str, list[Run]], half: dict[str, Run])
     for label, run in (("one connection", single), ("half saturation", half.get("service"))):
         if run is not None and run.stage_ms.get("inference") is not None:
             print(f"service at {label}: {where_the_time_went(run)}")
+    limit_cpu = report.get("limit", {}).get("cpu_ms_per_image")
+    for label, run in (("one connection", single), ("half saturation", half.get("service")), ("its peak", peak)):
+        if run is not None and run.cpu_ms_per_image:
+            print(f"service at {label}: {where_the_cpu_went(run, limit_cpu)}")
     return ratios
 
 
@@ -874,6 +933,14 @@ def where_the_time_went(run: Run) -> str:
         f"inference {stages['inference']:.2f} (calls of {_fmt(run.ort_batch_mean, 2)} images) + the rest (HTTP, "
         f"multipart, hand-offs, the generator) {rest:.2f}"
     )
+
+
+def where_the_cpu_went(run: Run, limit_ms: float | None) -> str:
+    """The service's CPU per image by thread, against the limit's (decoding and inference, no HTTP)."""
+    jobs = run.cpu_ms_per_image
+    split = " + ".join(f"{job} {jobs[job]:.2f}" for job in ("event loop", "decoding", "inference", "other"))
+    against = f"; the limit {limit_ms:.2f}" if limit_ms else ""
+    return f"CPU per image {sum(jobs.values()):.2f} ms = {split}{against}"
 
 
 if __name__ == "__main__":

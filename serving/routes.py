@@ -8,18 +8,15 @@ mistakes are 4xx, never 500.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import contextvars
 import io
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from bentoml import get_current_service  # bound once: each `bentoml.x` runs its lazy __getattr__ (7 µs)
@@ -37,12 +34,12 @@ from serving.batching import PREPROCESS_SECONDS, InferItem, Overloaded, for_mode
 from serving.explain import overlay_png, scaled_map
 from serving.openapi import openapi_document
 from serving.repository import AUTOENCODER_OUTPUTS, CLASSIFIER_OUTPUT, ModelEntry, ModelRunner
+from serving.threads import in_thread
 
 if TYPE_CHECKING:
     from serving.service import ImageAI
 
 logger = logging.getLogger("bentoml.imageai")
-T = TypeVar("T")
 
 UPLOAD_FIELD = "image"
 UI_PAGE = Path(__file__).parent / "static" / "ui.html"
@@ -164,20 +161,6 @@ async def _uploads(request: Request, max_files: int) -> list[Upload]:
         ]
     finally:
         await form.close()
-
-
-# Decoding, resizing and onnxruntime release the GIL, so they run in threads: decoding uploads, warm-up, explanations
-# without the batcher. asyncio's executor hands a call to a thread for about a third of the CPU that
-# anyio.to_thread.run_sync takes under load (docs/performance.md); as many threads as anyio's default limit, started
-# as needed.
-_THREADS = ThreadPoolExecutor(max_workers=40, thread_name_prefix="imageai-offload")
-
-
-async def in_thread(function: Callable[..., T], *args: Any) -> T:
-    """`function(*args)` in a worker thread, in a copy of the caller's context (the request's log fields), awaited:
-    what asyncio.to_thread does, on a pool of our own rather than the loop's default (a few threads for DNS too)."""
-    context = contextvars.copy_context()
-    return await asyncio.get_running_loop().run_in_executor(_THREADS, context.run, function, *args)
 
 
 def _convert(convert: Callable[..., np.ndarray], upload: Upload, card: ModelCard, max_pixels: int) -> np.ndarray:

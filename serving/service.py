@@ -26,7 +26,8 @@ from serving.config import Settings
 from serving.guard import AdmissionGuard
 from serving.keepalive import ConnectionRecycler
 from serving.repository import ModelRepository
-from serving.routes import ROUTES, current_service, http_error, in_thread
+from serving.routes import ROUTES, current_service, http_error
+from serving.threads import in_thread
 from serving.v2 import V2_ROUTES
 
 logger = logging.getLogger("bentoml.imageai")

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import io
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from PIL import Image
 from serving.batching import REFUSALS, Batcher, Overloaded
 from serving.config import Settings
 from serving.repository import CUDA, ModelRepository
+from serving.threads import named_pool
 
 
 @pytest.fixture(scope="module")
@@ -367,3 +369,11 @@ def test_bentoml_dispatcher_mode_still_batches(model_repository: Path, tmp_path:
         assert explained.status_code == 200 and explained.json()["label"] == "normal"  # run alone in this mode
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OS thread names are read from /proc")
+def test_pool_threads_carry_their_names_to_the_os() -> None:
+    """`top -H`, `ps -L` and the benchmark's CPU split tell the service's threads apart by these names."""
+    with named_pool(1, "imageai-infer") as pool:
+        thread_id = pool.submit(threading.get_native_id).result()
+        assert Path(f"/proc/self/task/{thread_id}/comm").read_text().strip() == "imageai-infer_0"

@@ -99,6 +99,11 @@ def test_serving_benchmark_runs_every_part(model_repository: Path, tmp_path: Pat
     stages = report["half_saturation"]["service"]["stage_ms"]  # read from the service's /metrics
     assert stages["preprocess"] > 0 and stages["queue"] >= 0 and stages["inference"] > 0, stages
     assert "service at half saturation: mean" in result.stdout
+    # the service's CPU per image by thread (the OS names serving.threads gives them), against the limit's
+    cpu = report["half_saturation"]["service"]["cpu_ms_per_image"]
+    assert cpu["event loop"] > 0 and cpu["decoding"] > 0 and cpu["inference"] > 0, cpu
+    assert report["limit"]["cpu_ms_per_image"] > 0
+    assert "service at its peak: CPU per image" in result.stdout
     [side_by_side] = report["side_by_side"]  # one round of every server, measured back to back
     assert {"limit_before", "service", "limit_after", "naive", "naive_tuned", "half_p99_ms"} <= side_by_side.keys()
     for key in ("service_over_limit", "service_over_naive", "service_over_naive_tuned", "p99_half_over_single"):
