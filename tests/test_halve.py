@@ -18,11 +18,13 @@ def test_halve_publishes_a_smaller_version_with_its_own_metrics(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from training.halve import main
+    from training.quantize import quantize
 
     data = make_image_folder(tmp_path / "data", ["NORMAL", "PNEUMONIA"], per_class=30, size=40)
     extra = ("--image-size", "32", "--arch", "compact_cnn", "--no-pretrained", "--width", "16")
     assert train("chest_xray", data, tmp_path, *extra) == 0
     models = tmp_path / "models"
+    quantize(models / "chest_xray" / "1", data, calibration_images=16, timing_seconds=0.2, cache_dir=tmp_path / "cache")
     command = ["chest_xray", "--data", str(data), "--models-dir", str(models), "--cache-dir", str(tmp_path / "cache")]
     assert main(command) == 0
 
@@ -37,9 +39,12 @@ def test_halve_publishes_a_smaller_version_with_its_own_metrics(
     assert half.threshold == full.threshold and half.metrics["test"]["n"] == full.metrics["test"]["n"]
     assert abs(half.metrics["test"]["accuracy"] - full.metrics["test"]["accuracy"]) <= 2 / full.metrics["test"]["n"]
     assert (models / "chest_xray" / "2" / "report" / "roc.png").is_file()
+    # v1's int8 file was quantized from the float32 weights: it must not be served as (or beside) v2
+    assert full.quantized is not None and half.quantized is None
+    assert not (models / "chest_xray" / "2" / full.quantized.file).exists()
 
     entry = ModelRepository.load(Settings(models_dir=models)).get("chest_xray")
-    assert entry.ready and entry.version == "2"  # serving verifies the new file against its card
+    assert entry.ready and entry.version == "2" and entry.runner.precision == "fp32"  # verified against its card
 
     assert main(command) == 2 and "already stores its weights in float16" in caplog.text
     assert main([*command, "--data", str(tmp_path / "elsewhere")]) == 2

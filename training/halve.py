@@ -8,7 +8,8 @@ Cast nodes (:func:`training.export.store_weights_in_half`: about half the file; 
 so inference still runs in float32 on the rounded weights). The new version is evaluated with onnxruntime on the
 card's validation and test splits (rebuilt from ``--data``; the dataset fingerprint must match) with the card's
 decision threshold, and its card gets those metrics, the new sha256 and the largest change of any probability
-against the float32 graph; the report's plots are redrawn.
+against the float32 graph; the report's plots are redrawn. An int8 copy of the old version is not carried over (it
+was quantized from the float32 weights, not these): run ``training.quantize`` on the new version for one.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def halve(folder: Path, data_root: Path, cache_dir: Path = Path(".cache")) -> Pa
         raise HalveError(f"{card.name} v{card.version} already stores its weights in float16")
     data = card_dataset(card, data_root, cache_dir)
     target = folder.parent / next_version(folder.parent.parent, card.name)
-    shutil.copytree(folder, target)
+    int8_file = [card.quantized.file] if card.quantized else []
+    shutil.copytree(folder, target, ignore=shutil.ignore_patterns(*int8_file))
     try:
         store_weights_in_half(target / card.onnx.file)
         full, half = session(folder / card.onnx.file), session(target / card.onnx.file)
@@ -65,6 +67,7 @@ def halve(folder: Path, data_root: Path, cache_dir: Path = Path(".cache")) -> Pa
         card.version = target.name
         card.onnx.sha256 = sha256_file(target / card.onnx.file)
         card.metrics = {**card.metrics, **metrics}
+        card.quantized = None
         card.training = {
             **card.training,
             "half_weights": True,
@@ -87,6 +90,10 @@ def halve(folder: Path, data_root: Path, cache_dir: Path = Path(".cache")) -> Pa
         (folder / card.onnx.file).stat().st_size / 1e6, metrics["test"]["accuracy"],
         original.metrics["test"]["accuracy"], metrics["val"]["accuracy"], original.metrics["val"]["accuracy"], change,
     )  # fmt: skip
+    if int8_file:
+        log.info("v%s's int8 file was left behind (made from other weights); quantize v%s anew if wanted: "
+                 "python -m training.quantize %s --data %s --version %s",
+                 folder.name, card.version, card.name, data_root, card.version)  # fmt: skip
     return target
 
 
