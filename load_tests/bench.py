@@ -69,6 +69,7 @@ from local_service import free_port  # noqa: E402
 from sample_images import folder_images, generated_images  # noqa: E402
 
 from contract.card import ModelCard  # noqa: E402
+from contract.cli import HelpFormatter  # noqa: E402
 from contract.preprocessing import preprocess  # noqa: E402
 from serving.config import Settings, available_cores  # noqa: E402
 
@@ -602,7 +603,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python load_tests/bench.py",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--model", default="chest_xray", help="model name in the repository")
     parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models", help="model repository")

@@ -22,12 +22,15 @@ from pathlib import Path
 
 from local_service import BIN, REPO_ROOT, free_port, start_service, stop, wait_ready
 
+sys.path.insert(0, str(REPO_ROOT))
+from contract.cli import HelpFormatter  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python load_tests/run_load.py",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models", help="model repository to serve")
     parser.add_argument("--users", type=int, default=8, help="Locust users")

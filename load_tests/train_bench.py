@@ -32,6 +32,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from contract.cli import HelpFormatter  # noqa: E402
+
 GOAL = 3.0
 
 
@@ -141,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python load_tests/train_bench.py",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--task", default="chest_xray")
     parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "datasets" / "chest_xray")
@@ -168,7 +170,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="ours on CUDA: automatic mixed precision, as training.run does there by default",
+        help="ours on CUDA: automatic mixed precision (off by default, as in training.run)",
     )
     parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".cache", help="training's decoded-image cache")
     parser.add_argument("--out", type=Path, help="write the results here (JSON)")

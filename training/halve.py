@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from contract.card import ModelCard, sha256_file
+from contract.cli import HelpFormatter
 from training.data import DataError
 from training.evaluate import held_out_metrics, plot_test_results
 from training.export import next_version, store_weights_in_half
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.halve",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_published_model_arguments(parser)
     args = parser.parse_args(argv)

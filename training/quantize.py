@@ -28,6 +28,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from contract.card import INT8_MAX_ACCURACY_DROP, ModelCard, QuantizedInfo, sha256_file
+from contract.cli import HelpFormatter
 from contract.preprocessing import normalize
 from training import tasks
 from training.data import DataError, Dataset, load_dataset
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.quantize",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_published_model_arguments(parser)
     parser.add_argument("--calibration-images", type=int, default=256, help="validation images to calibrate on")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from contract.cli import HelpFormatter
 from contract.preprocessing import normalize
 from training import architectures, distributed, tasks
 from training.architectures import count_parameters, create_model, model_options
@@ -110,12 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train one task end to end: load the dataset, augment, train with checkpoint-best, reduce-LR-on-"
         "plateau and early stopping, evaluate on a held-out test split (metrics and plots in the run folder), and "
         "export the best checkpoint to ONNX, verified against PyTorch, into the model repository with a model card.",
-        epilog="Tasks: "
+        epilog="Options shown without a default take the task's (its spec and recipe in training/tasks.py). Tasks: "
         + "; ".join(f"{t.name}: {t.data_hint}" for t in tasks.TASKS.values())
         + ". Architectures: "
         + ", ".join(architectures.list_models())
         + ".",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("task", choices=sorted(tasks.TASKS), help="which task spec to train")
     parser.add_argument("--data", required=True, type=Path, help="dataset root (layout per task, see below)")

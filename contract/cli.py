@@ -1,0 +1,13 @@
+"""The command-line help convention of the project's tools (training, benchmarks, load tests)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in the help, except where there is none to show: an option whose default is None takes
+    it from elsewhere (the task's spec, the card, the newest version), which its own help says."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
