@@ -45,7 +45,9 @@ def row(card: ModelCard) -> str:
         if card.training.get("half_weights"):
             notes.append("float16 weights")
         quality = "; ".join(notes)
-    reference = TASKS[card.task].reference if card.task in TASKS else ""
+    task = TASKS.get(card.task)
+    from_scratch = not card.training.get("pretrained")
+    reference = "" if task is None else (from_scratch and task.scratch_reference) or task.reference
     arch = card.architecture + (" (ImageNet)" if card.training.get("pretrained") else "")
     return " | ".join(
         [f"`{card.name}` v{card.version}", arch, str(card.splits.get("test", "")), *cells, quality,
