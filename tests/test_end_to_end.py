@@ -15,6 +15,7 @@ from contract.card import ModelCard
 from tests.conftest import Server, start_server
 from tests.tiny_tasks import TINY, Trained
 from training.architectures import create_model
+from training.architectures.autoencoder import CodeClassifier
 from training.data import load_dataset
 from training.engine import predict
 from training.mirror import MirrorAveraged
@@ -31,25 +32,32 @@ def served(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         server.stop()
 
 
-def _training_probabilities(task: str, trained: Trained) -> tuple[list[str], np.ndarray, ModelCard]:
-    """What training's evaluation computes for the test split: cached pixels → contract.normalize → PyTorch."""
+def _training_probabilities(task: str, trained: Trained) -> tuple[list[bytes], np.ndarray, ModelCard]:
+    """What training's evaluation computes for the first test images: cached pixels → contract.normalize → PyTorch;
+    and those images as uploads (their files; MNIST's come from IDX files, so PNGs of the same pixels)."""
     card = ModelCard.load(trained.models / task / "1")
     spec = get_task(task).with_overrides(input=card.input)
-    data = load_dataset(spec, trained.data[task], seed=0, cache_dir=trained.cache)
+    test = load_dataset(spec, trained.data[task], seed=0, cache_dir=trained.cache).splits["test"]
     model = create_model(card.training["arch"], in_chans=card.input.channels, num_classes=len(card.classes),
                          image_size=card.input.height, **card.training["arch_options"])  # fmt: skip
-    state = torch.load(next((trained.runs / task).glob("*/best.pt")), weights_only=True)
-    model.load_state_dict(state["state_dict"])
+    run = next((trained.runs / task).glob("*/best.pt")).parent
+    if task == "mnist":  # the classifier on the autoencoder's code; its last stage fine-tunes the encoder too
+        model = CodeClassifier(model.encoder, model.decoder[0].in_features, len(card.classes))
+        run = run / ("best-finetune.pt" if (run / "best-finetune.pt").exists() else "best.pt")
+        uploads = [_png(pixels.reshape(card.input.height, card.input.width)) for pixels in test.pixels[:6]]
+    else:
+        run = run / "best.pt"
+        uploads = [(trained.data[task] / image_id).read_bytes() for image_id in test.ids[:6]]
+    model.load_state_dict(torch.load(run, weights_only=True)["state_dict"])
     if card.training["mirror_average"]:  # emotion: the mean of the image's and its mirror image's probabilities
         model = MirrorAveraged(model)
-    return data.splits["test"].ids, predict(model, data.splits["test"].pixels, spec.input, torch.device("cpu")), card
+    return uploads, predict(model, test.pixels[:6], spec.input, torch.device("cpu")), card
 
 
-@pytest.mark.parametrize("task", sorted(TINY))
+@pytest.mark.parametrize("task", [*sorted(TINY), "mnist"])
 def test_service_probabilities_equal_training_evaluation(task: str, trained: Trained, served: Server) -> None:
-    ids, expected, card = _training_probabilities(task, trained)
-    for image_id, probabilities in zip(ids[:6], expected[:6], strict=False):
-        data = (trained.data[task] / image_id).read_bytes()
+    uploads, expected, card = _training_probabilities(task, trained)
+    for data, probabilities in zip(uploads, expected, strict=True):
         response = httpx.post(f"{served.url}/{task}/proba", files={"image": ("x", data, "image/png")}, timeout=30)
         assert response.status_code == 200, response.text
         served_probabilities = np.array([response.json()["probabilities"][c] for c in card.classes])
