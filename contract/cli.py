@@ -6,8 +6,10 @@ import argparse
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's defaults in the help, except where there is none to show: an option whose default is None takes
-    it from elsewhere (the task's spec, the card, the newest version), which its own help says."""
+    """argparse's defaults in the help, except where there is none to show: an option whose default is None or empty
+    takes it from elsewhere (the task's spec, the card, the newest version) or does nothing, as its own help says."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
