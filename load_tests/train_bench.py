@@ -145,8 +145,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--task", default="chest_xray")
-    parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "datasets" / "chest_xray")
+    parser.add_argument("--task", default="chest_xray", help="task spec whose data, input size and model to train")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=REPO_ROOT.parent / "shared" / "datasets" / "chest_xray",
+        help="the task's dataset root (its Kaggle layout, as for training.run)",
+    )
     parser.add_argument("--arch", help="architecture (default: the task's)")
     parser.add_argument("--batch-size", type=int, help="default: the task's")
     parser.add_argument("--workers", type=int, default=1, help="our loader's workers (training.run's default)")
@@ -159,7 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="data,train",
         help="data (loader only), train (loader + training step), step (training step alone, one batch on the device)",
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="where to train: cpu or cuda")
     parser.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
