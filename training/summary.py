@@ -45,9 +45,10 @@ def row(card: ModelCard) -> str:
         if card.training.get("half_weights"):
             notes.append("float16 weights")
         quality = "; ".join(notes)
-    task = TASKS.get(card.task)
-    from_scratch = not card.training.get("pretrained")
-    reference = "" if task is None else (from_scratch and task.scratch_reference) or task.reference
+    task, reference = TASKS.get(card.task), ""
+    if task is not None:
+        from_scratch = not card.training.get("pretrained")
+        reference = task.scratch_reference if from_scratch and task.scratch_reference else task.reference
     arch = card.architecture + (" (ImageNet)" if card.training.get("pretrained") else "")
     return " | ".join(
         [f"`{card.name}` v{card.version}", arch, str(card.splits.get("test", "")), *cells, quality,
