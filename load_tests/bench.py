@@ -72,11 +72,12 @@ from contract.card import ModelCard  # noqa: E402
 from contract.cli import HelpFormatter  # noqa: E402
 from contract.preprocessing import preprocess  # noqa: E402
 from serving.config import Settings, available_cores  # noqa: E402
+from serving.threads import INFERENCE_THREADS, OFFLOAD_THREADS  # noqa: E402
 
 BOUNDARY = "----imageai-bench-7d3f0c1b"
 LUA_SCRIPT = Path(__file__).with_name("wrk_multipart.lua")
 GOALS = {"service_over_limit": 0.8, "service_over_naive": 1.5, "p99_half_over_single": 2.5}
-THREAD_JOBS = {"imageai-infer": "inference", "imageai-offload": "decoding"}  # OS names from serving.threads
+THREAD_JOBS = {INFERENCE_THREADS: "inference", OFFLOAD_THREADS: "decoding"}  # the OS names serving.threads gives
 
 
 # ------------------------------------------------------------------------------------------------ inputs

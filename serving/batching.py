@@ -29,7 +29,7 @@ from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.repository import ModelRepository, ModelRunner
-from serving.threads import named_pool
+from serving.threads import INFERENCE_THREADS, named_pool
 
 logger = logging.getLogger("bentoml.imageai")
 
@@ -169,7 +169,7 @@ class Batcher:
         self._ready: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
-        self._executor = named_pool(self.concurrency, "imageai-infer")
+        self._executor = named_pool(self.concurrency, INFERENCE_THREADS)
         # per runner: moving average over its batches of wall time / images; unknown (0) until its first batch
         self._seconds_per_image: dict[int, float] = {}
         self._reserved: defaultdict[int, int] = defaultdict(int)  # per runner: images admitted, not yet queued

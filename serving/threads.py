@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 _PR_SET_NAME = 15  # <linux/prctl.h>
+INFERENCE_THREADS = "imageai-infer"  # the batcher's onnxruntime calls
+OFFLOAD_THREADS = "imageai-offload"  # decoding uploads, warm-up, explanations without the batcher
 
 
 def name_os_thread() -> None:
@@ -38,7 +40,7 @@ def named_pool(max_workers: int, name: str) -> ThreadPoolExecutor:
 # without the batcher. asyncio's executor hands a call to a thread for about a third of the CPU that
 # anyio.to_thread.run_sync takes under load (docs/performance.md); as many threads as anyio's default limit, started
 # as needed.
-_OFFLOAD = named_pool(40, "imageai-offload")
+_OFFLOAD = named_pool(40, OFFLOAD_THREADS)
 
 
 async def in_thread(function: Callable[..., T], *args: Any) -> T:
