@@ -7,6 +7,7 @@ builds that input), what it outputs, how it was trained and how good it is on he
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CARD_FILE = "model.json"
 ONNX_FILE = "model.onnx"
+MODEL_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"  # a model's name: its folder in models/ and its routes
+VERSION_PATTERN = r"^[0-9]+$"  # a version: its folder in models/<name>/
 
 
 class InputSpec(BaseModel):
@@ -110,8 +113,8 @@ class QuantizedInfo(BaseModel):
 class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
-    version: str = Field(pattern=r"^[0-9]+$")
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
+    version: str = Field(pattern=VERSION_PATTERN)
     kind: Literal["classifier", "autoencoder"]
     task: str
     description: str = ""
@@ -160,6 +163,14 @@ class ModelCard(BaseModel):
     @classmethod
     def load(cls, folder: Path) -> ModelCard:
         return cls.model_validate_json((Path(folder) / CARD_FILE).read_text())
+
+
+def versions(model_dir: Path) -> list[str]:
+    """The version folders of models/<name>/, oldest first (by number: 10 after 9); none if it does not exist."""
+    if not model_dir.is_dir():
+        return []
+    found = (p.name for p in model_dir.iterdir() if p.is_dir() and re.match(VERSION_PATTERN, p.name))
+    return sorted(found, key=int)
 
 
 def sha256_file(path: Path) -> str:

@@ -68,7 +68,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from local_service import free_port  # noqa: E402
 from sample_images import folder_images, generated_images  # noqa: E402
 
-from contract.card import ModelCard  # noqa: E402
+from contract.card import ModelCard, versions  # noqa: E402
 from contract.cli import HelpFormatter  # noqa: E402
 from contract.preprocessing import preprocess  # noqa: E402
 from serving.config import Settings, available_cores  # noqa: E402
@@ -117,10 +117,10 @@ def write_bodies(images: list[tuple[str, bytes, str]], per_request: int, workdir
 
 
 def resolve_model(models_dir: Path, name: str, version: str | None) -> tuple[Path, ModelCard]:
-    versions = sorted((p.name for p in (models_dir / name).glob("*") if p.is_dir() and p.name.isdigit()), key=int)
-    if not versions:
+    found = versions(models_dir / name)
+    if not found:
         raise SystemExit(f"no versions of model {name!r} in {models_dir}")
-    folder = models_dir / name / (version or versions[-1])
+    folder = models_dir / name / (version or found[-1])
     return folder, ModelCard.load(folder)
 
 

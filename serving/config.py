@@ -94,7 +94,7 @@ class Settings(BaseModel):
         pins: dict[str, str] = {}
         for item in filter(None, (part.strip() for part in value.split(","))):
             name, sep, version = item.partition("=")
-            if not sep or not name.strip() or not version.strip().isdigit():
+            if not sep or not name.strip() or not version.strip().isdecimal():
                 raise ValueError(f"expected name=version pairs separated by commas, got {item!r}")
             pins[name.strip()] = version.strip()
         return pins

@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import ValidationError
 
-from contract.card import CARD_FILE, INT8_MAX_ACCURACY_DROP, ModelCard
+from contract.card import CARD_FILE, INT8_MAX_ACCURACY_DROP, ModelCard, versions
 from serving.config import Settings
 
 logger = logging.getLogger("bentoml.imageai")
@@ -360,13 +360,13 @@ class ModelRepository:
 
 def _load_entry(model_dir: Path, settings: Settings) -> ModelEntry:
     name = model_dir.name
-    versions = sorted((p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=int)
-    version = settings.model_versions.get(name) or (versions[-1] if versions else None)
+    found = versions(model_dir)
+    version = settings.model_versions.get(name) or (found[-1] if found else None)
     try:
         if version is None:
             raise ModelProblem("no version folders (models/<name>/<integer>/)")
-        if version not in versions:
-            raise ModelProblem(f"configured version {version} does not exist (found: {', '.join(versions)})")
+        if version not in found:
+            raise ModelProblem(f"configured version {version} does not exist (found: {', '.join(found)})")
         runner = ModelRunner.load(
             model_dir / version,
             device=settings.device,

@@ -142,7 +142,7 @@ async def _uploads(request: Request, max_files: int) -> list[Upload]:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", f"send multipart/form-data with a file field {UPLOAD_FIELD!r}")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isdecimal() and int(declared) > limit:
         raise ApiError(413, "payload_too_large", f"the request body is over the limit of {limit} bytes")
     parser = MultiPartParser(request.headers, bounded_stream(request, limit), max_files=max_files, max_fields=16)
     try:

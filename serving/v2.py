@@ -106,7 +106,7 @@ async def _read_request(request: Request) -> tuple[_InferenceRequest, bytes]:
     split = request.headers.get(HEADER_LENGTH)
     if split is None:
         split = str(len(body))
-    if not split.isdigit() or int(split) > len(body):
+    if not split.isdecimal() or int(split) > len(body):  # isdigit() would let "²" through to int()
         raise V2Error(400, f"{HEADER_LENGTH} must be an integer no larger than the body ({len(body)} bytes)")
     try:
         return _InferenceRequest.model_validate_json(body[: int(split)]), body[int(split) :]

@@ -108,7 +108,7 @@ def test_autoencoder_outputs_and_output_selection(server: Server, model_reposito
     assert both.as_numpy("reconstruction").shape == (1, 1, 28, 28)
 
 
-def _infer(server: Server, body: object, model: str = "chest_xray", **headers: str) -> httpx.Response:
+def _infer(server: Server, body: object, model: str = "chest_xray", **headers: str | bytes) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(f"{server.url}/v2/models/{model}/infer", content=content, headers=headers, timeout=30)
 
@@ -145,6 +145,7 @@ def test_bad_requests_get_4xx_in_the_protocol_error_shape(server: Server) -> Non
         (400, _infer(server, {**_request(), "outputs": [{"name": "logits"}]})),
         (400, _infer(server, header + binary[:-4], **{"Inference-Header-Content-Length": str(len(header))})),
         (400, _infer(server, header + binary, **{"Inference-Header-Content-Length": "x"})),
+        (400, _infer(server, header + binary, **{"Inference-Header-Content-Length": b"\xb2"})),  # "²": isdigit()
         (415, _infer(server, gzip.compress(json.dumps(_request()).encode()), **{"Content-Encoding": "gzip"})),
         (413, _infer(server, _request(shape=[32, 1, 16, 16], data=[0.123456789] * (32 * 256 * 12)))),
     ]

@@ -15,7 +15,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from contract.card import CARD_FILE, ONNX_FILE, ExplanationInfo, ModelCard, OnnxInfo, TensorSpec, sha256_file
+from contract.card import CARD_FILE, ONNX_FILE, ExplanationInfo, ModelCard, OnnxInfo, TensorSpec, sha256_file, versions
 from contract.preprocessing import normalize
 
 OPSET = 18
@@ -147,8 +147,8 @@ def onnx_tensors(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 
 def next_version(models_dir: Path, name: str) -> str:
-    existing = [int(p.name) for p in (models_dir / name).glob("*") if p.is_dir() and p.name.isdigit()]
-    return str(max(existing, default=0) + 1)
+    existing = versions(models_dir / name)
+    return str(int(existing[-1]) + 1 if existing else 1)
 
 
 def library_versions() -> dict[str, str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from contract.card import CARD_FILE
+from contract.card import CARD_FILE, versions
 
 
 def add_published_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,8 +20,8 @@ def add_published_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def published_model_folder(args: argparse.Namespace) -> Path:
     """models/<model>/<version>/ named by those arguments; FileNotFoundError when it has no model card."""
-    versions = sorted((p.name for p in (args.models_dir / args.model).glob("*") if p.name.isdigit()), key=int)
-    version = args.version or (versions[-1] if versions else None)
+    found = versions(args.models_dir / args.model)
+    version = args.version or (found[-1] if found else None)
     folder = args.models_dir / args.model / (version or "")
     if version is None or not (folder / CARD_FILE).exists():
         wanted = f"version {args.version}" if args.version else "any version"

@@ -8,16 +8,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from contract.card import ModelCard
+from contract.card import ModelCard, versions
 from training.tasks import TASKS
 
 
 def latest_cards(models: Path) -> list[ModelCard]:
     cards = []
     for folder in sorted(p for p in models.iterdir() if p.is_dir()):
-        versions = [v for v in folder.iterdir() if v.is_dir() and v.name.isdigit()]
-        if versions:
-            cards.append(ModelCard.load(max(versions, key=lambda v: int(v.name))))
+        found = versions(folder)
+        if found:
+            cards.append(ModelCard.load(folder / found[-1]))
     return cards
 
 
