@@ -41,10 +41,10 @@ def _loader(pipeline: str, args: argparse.Namespace):
     import torch
     from torchvision.transforms import v2
 
-    from training import tasks
     from training.engine import build_augmentation, make_loader
+    from training.task_files import resolve_task
 
-    spec = tasks.get_task(args.task)
+    spec = resolve_task(args.task)
     batch_size = args.batch_size or spec.recipe.batch_size
     if pipeline == "ours":
         from training.data import load_dataset
@@ -145,7 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--task", default="chest_xray", help="task spec whose data, input size and model to train")
+    parser.add_argument("--task", default="chest_xray", help="task or task file: its data, input size, model")
     parser.add_argument(
         "--data",
         type=Path,

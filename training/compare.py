@@ -13,7 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from training import run, tasks
+from training import run
+from training.task_files import TASK_HELP, resolve_task, task_argument
 
 COLUMNS = (
     "variant",
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Train one variant per value of an option and write a comparison table (Markdown and CSV). "
         "Arguments after -- go to every training.run call (for example --epochs 5).",
     )
-    parser.add_argument("task", choices=sorted(tasks.TASKS))
+    parser.add_argument("task", type=task_argument, metavar="TASK", help=TASK_HELP)
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument(
         "--vary",
@@ -92,10 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     option, values = args.vary[0], args.vary[1:]
     if not values:
         parser.error("--vary needs an option followed by at least one value")
+    try:
+        name = resolve_task(args.task).name
+    except ValueError as error:
+        parser.error(str(error))
     rows = []
     for value in values:
         variant = f"{option}={value}"
-        runs_dir = args.out / args.task / option / value
+        runs_dir = args.out / name / option / value
         code = run.main(
             [
                 args.task,
@@ -113,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         latest = max(runs_dir.glob("*/*/metrics.json"), key=lambda p: p.stat().st_mtime)
         rows.append(summarise(variant, json.loads(latest.read_text())))
-    table = args.out / args.task / f"{option}.md"
+    table = args.out / name / f"{option}.md"
     table.parent.mkdir(parents=True, exist_ok=True)
-    table.write_text(f"# {args.task}: varying {option}\n\n{markdown(rows)}\n")
+    table.write_text(f"# {name}: varying {option}\n\n{markdown(rows)}\n")
     with open(table.with_suffix(".csv"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()

@@ -237,6 +237,8 @@ def load_dataset(spec: TaskSpec, root: Path, seed: int = 0, cache_dir: Path = Pa
     missing = set(found) - set(classes)
     if missing or len(classes) < 2:
         raise DataError(f"found classes {found}, expected {classes}")
+    if spec.positive_class is not None and (spec.positive_class not in classes or len(classes) != 2):
+        raise DataError(f"positive class {spec.positive_class!r} needs two classes, one of them it; found {classes}")
 
     manifest = sorted((split, i.id, i.label, i.digest) for split, lst in items.items() for i in lst)
     fingerprint = hashlib.sha256(json.dumps(manifest).encode()).hexdigest()

@@ -33,6 +33,7 @@ from contract.preprocessing import normalize
 from training import tasks
 from training.data import DataError, Dataset, load_dataset
 from training.published import add_published_model_arguments, published_model_folder
+from training.tasks import TaskSpec
 
 log = logging.getLogger("training.quantize")
 INT8_FILE = "model.int8.onnx"
@@ -80,8 +81,11 @@ def _explanation_only_nodes(graph: onnx.GraphProto, output: str) -> list[str]:
 
 
 def card_dataset(card: ModelCard, data_root: Path, cache_dir: Path, seed: int | None = None) -> Dataset:
-    """The splits the card's model was trained and tested on, rebuilt from `data_root` (the fingerprint must match)."""
-    spec = tasks.get_task(card.task).with_overrides(input=card.input)
+    """The splits the card's model was trained and tested on, rebuilt from `data_root` (the fingerprint must match):
+    by the task as the card records it (a task file's too); older cards, which do not, by their registered task."""
+    recorded = card.training.get("task_spec")
+    spec = TaskSpec.from_dict(recorded, f"{card.name}'s card") if recorded else tasks.get_task(card.task)
+    spec = spec.with_overrides(input=card.input)
     seed = int(card.training.get("seed", 0)) if seed is None else seed
     data = load_dataset(spec, data_root, seed=seed, cache_dir=cache_dir)
     expected = card.dataset.get("fingerprint")

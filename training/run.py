@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import logging
+import re
 import sys
 import time
 import typing
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from contract.card import MODEL_NAME_PATTERN
 from contract.cli import HelpFormatter
 from contract.preprocessing import normalize
 from training import architectures, distributed, tasks
@@ -57,6 +59,7 @@ from training.export import (
     verify_parity,
 )
 from training.mirror import MirrorAveraged
+from training.task_files import FOLDER_LAYOUT, TASK_HELP, resolve_task, task_argument
 from training.tasks import Augment, Recipe, TaskSpec
 
 log = logging.getLogger("training")
@@ -103,6 +106,7 @@ class RunConfig:
     half_weights: bool  # store the ONNX weights in float16 (rounded before evaluation, computed in float32)
     recipe: dict  # the whole recipe and augmentation, so a card says exactly how its model was trained
     augmentation: dict | None  # None: --no-augment
+    task_spec: dict  # the task as trained (TaskSpec.as_dict): rebuilds its splits later, from a task file too
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,14 +115,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train one task end to end: load the dataset, augment, train with checkpoint-best, reduce-LR-on-"
         "plateau and early stopping, evaluate on a held-out test split (metrics and plots in the run folder), and "
         "export the best checkpoint to ONNX, verified against PyTorch, into the model repository with a model card.",
-        epilog="Options shown without a default take the task's (its spec and recipe in training/tasks.py). Tasks: "
+        epilog="Options shown without a default take the task's (its spec and recipe in training/tasks.py, or its "
+        "task file). Tasks: "
         + "; ".join(f"{t.name}: {t.data_hint}" for t in tasks.TASKS.values())
+        + f"; a task file's: {FOLDER_LAYOUT}"
         + ". Architectures: "
         + ", ".join(architectures.list_models())
         + ".",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("task", choices=sorted(tasks.TASKS), help="which task spec to train")
+    parser.add_argument("task", type=task_argument, metavar="TASK", help=TASK_HELP)
     parser.add_argument("--data", required=True, type=Path, help="dataset root (layout per task, see below)")
     parser.add_argument("--arch", help="architecture (default: the task's)", choices=architectures.list_models())
     parser.add_argument(
@@ -261,7 +267,7 @@ def parse_settings(flag: str, target: type, settings: list[str]) -> dict:
 
 
 def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
-    spec = tasks.get_task(args.task)
+    spec = resolve_task(args.task)
     recipe_changes = parse_settings("--recipe", Recipe, args.recipe)
     recipe_changes.update(
         {
@@ -289,6 +295,10 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
         changes["mirror_average"] = args.mirror_average
     if args.augment:
         changes["augment"] = replace(spec.augment, **parse_settings("--augment", Augment, args.augment))
+    if args.name and not re.match(MODEL_NAME_PATTERN, args.name):  # said now, not when the trained model is exported
+        raise ValueError(
+            f"--name {args.name!r}: a model's name is lower-case letters, digits and _ (its folder, routes)"
+        )
     spec = spec.with_overrides(**changes)
     arch = args.arch or spec.arch
     options = dict(spec.arch_options) if arch == spec.arch else {}
@@ -331,6 +341,7 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
         half_weights=args.half_weights,
         recipe=asdict(recipe),
         augmentation=None if args.no_augment else asdict(spec.augment),
+        task_spec=spec.as_dict(),
     )
     if config.half_weights and spec.kind != "classifier":
         raise ValueError("--half-weights is for classifiers")

@@ -1,4 +1,5 @@
-"""Tasks are data: each is one declared :class:`TaskSpec`. Adding a task is adding one spec to this file.
+"""Tasks are data: each is one declared :class:`TaskSpec`. Adding a task is adding one spec to this file, or
+writing it in a task file (training.task_files) to train on your own data without touching the code.
 
 A spec names where the data comes from and how it is laid out, which classes exist (and how folders map onto them),
 how an image becomes a tensor (the :class:`~contract.card.InputSpec` that goes into the model card), the default
@@ -7,10 +8,13 @@ architecture and the training recipe of the reference report.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
-from contract.card import InputSpec
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from contract.card import MODEL_NAME_PATTERN, InputSpec
 
 IMAGENET_GRAY = dict(channels=1, normalization="mean_std", mean=(0.449,), std=(0.226,))
 IMAGENET_RGB = dict(channels=3, normalization="mean_std", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -19,6 +23,8 @@ IMAGENET_RGB = dict(channels=3, normalization="mean_std", mean=(0.485, 0.456, 0.
 @dataclass(frozen=True)
 class Augment:
     """Random training-time augmentation (torchvision transforms v2), applied to the resized uint8 pixels."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # a misspelt setting in a task file is an error, not a no-op
 
     rotation: float = 0.0  # degrees, uniform in ±rotation
     shift: float = 0.0  # fraction of width/height
@@ -43,6 +49,8 @@ class Augment:
 
 @dataclass(frozen=True)
 class Recipe:
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
     epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3
@@ -73,6 +81,8 @@ class Recipe:
 
 @dataclass(frozen=True)
 class TaskSpec:
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
     name: str
     description: str
     intended_input: str
@@ -98,8 +108,40 @@ class TaskSpec:
     reference: str = ""  # what the reference report achieved, for the README's comparison table
     scratch_reference: str = ""  # the same for models trained without pretrained weights, where it differs
 
+    def __post_init__(self) -> None:
+        """Refuse a spec whose parts contradict each other when it is declared, not after its data is decoded."""
+        if not re.match(MODEL_NAME_PATTERN, self.name):
+            raise ValueError(f"the task name {self.name!r} must be lower-case letters, digits and _ (a model's name)")
+        classes = self.classes or (sorted(set(self.class_map.values())) if self.class_map else None)
+        if classes is not None and self.positive_class is not None:
+            if self.positive_class not in classes:
+                raise ValueError(f"the positive class {self.positive_class!r} is not one of {list(classes)}")
+            if len(classes) != 2:
+                raise ValueError(f"a positive class (and its threshold) is for two classes, not {len(classes)}")
+        if self.classes and self.class_map and not set(self.class_map.values()) <= set(self.classes):
+            raise ValueError(f"class_map maps folders onto classes not in {list(self.classes)}")
+
     def with_overrides(self, **changes) -> TaskSpec:
         return replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The spec as JSON-ready data: what a run records (config.json, the model card) and a task file holds."""
+        return _SPEC.dump_python(self, mode="json")
+
+    @staticmethod
+    def from_dict(data: dict[str, Any], origin: str = "task spec") -> TaskSpec:
+        """The spec `data` declares (as `as_dict` writes it), validated; ValueError naming every bad field."""
+        try:
+            return _SPEC.validate_python(data)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg'].removeprefix('Value error, ')}"
+                for e in error.errors()
+            )
+            raise ValueError(f"{origin}: {problems}") from None
+
+
+_SPEC = TypeAdapter(TaskSpec)
 
 
 TASKS: dict[str, TaskSpec] = {}

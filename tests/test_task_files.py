@@ -1,0 +1,127 @@
+"""Task files: a task declared in TOML trains, publishes and is rebuilt from its card like a registered one; a wrong
+file is refused before any data is read, saying what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from contract.card import ModelCard
+from serving.config import Settings
+from serving.repository import ModelRepository
+from tests.synthetic import make_image_folder
+from tests.tiny_tasks import train
+from training import run
+from training.quantize import card_dataset
+from training.task_files import load_task_file
+from training.tasks import TaskSpec, get_task
+
+EXAMPLES = Path(__file__).parents[1] / "examples" / "tasks"
+
+SHAPES = """
+description = "Three kinds of generated pattern"
+intended_input = "a generated 40-px grayscale pattern"
+arch = "compact_cnn"
+arch_options = { width = 8 }
+classes = ["a", "b", "c"]
+
+[input]
+channels = 1
+height = 32
+width = 32
+
+[recipe]
+batch_size = 16
+"""
+
+
+def write(folder: Path, text: str, name: str = "shapes.toml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def test_every_registered_task_round_trips_through_its_dict() -> None:
+    for name in ("alzheimer", "cats_dogs", "chest_xray", "covid", "emotion", "mnist"):
+        spec = get_task(name)
+        assert TaskSpec.from_dict(spec.as_dict()) == spec
+
+
+def test_the_example_task_files_declare_what_they_say() -> None:
+    stages = load_task_file(EXAMPLES / "alzheimer_stages.toml")
+    alzheimer = get_task("alzheimer")
+    assert stages.name == "alzheimer_stages" and stages.classes == ("CN", "MCI", "AD")
+    assert stages.class_map["NonDemented"] == "CN"
+    assert stages.positive_class is None and stages.min_sensitivity == 0.95, "a new class set: none of the base's"
+    assert stages.input == alzheimer.input and stages.arch == alzheimer.arch and stages.augment == alzheimer.augment
+    assert stages.recipe.epochs == 12 and stages.recipe.lr == alzheimer.recipe.lr, "[recipe] changes what it names"
+    assert stages.reference == "" and "AD" in stages.description
+
+    lesions = load_task_file(EXAMPLES / "skin_lesions.toml")
+    assert lesions.name == "skin_lesions" and lesions.positive_class == "malignant" and lesions.classes is None
+    assert (lesions.input.channels, lesions.input.height) == (3, 192) and lesions.input.normalization == "mean_std"
+    assert lesions.augment.vflip and lesions.augment.rotation == 180 and lesions.recipe.batch_size == 32
+    assert lesions.source == "image_folders" and "<class>" in lesions.data_hint
+
+
+def test_a_task_file_trains_publishes_and_rebuilds_its_splits_from_the_card(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], per_class=16, size=40)
+    task_file = write(tmp_path, SHAPES)
+    assert train(str(task_file), data, tmp_path) == 0
+
+    folder = tmp_path / "models" / "shapes" / "1"
+    card = ModelCard.load(folder)
+    assert card.task == "shapes" and card.classes == ["a", "b", "c"] and card.positive_class is None
+    assert card.description == "Three kinds of generated pattern" and card.input.height == 32
+    assert card.architecture.startswith("compact_cnn") and card.training["task_spec"]["arch_options"] == {"width": 8}
+    # training.quantize and training.halve rebuild the splits from the card alone: "shapes" is registered nowhere
+    task_file.unlink()
+    assert card_dataset(card, data, tmp_path / "cache").fingerprint == card.dataset["fingerprint"]
+    entry = ModelRepository.load(Settings(models_dir=tmp_path / "models")).get("shapes")
+    assert entry is not None and entry.ready
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (SHAPES.replace('description = "Three kinds of generated pattern"', ""), "declare description"),
+        ('base = "xray"\ndescription = "d"\nintended_input = "i"', "unknown base task 'xray'"),
+        (SHAPES.replace("batch_size = 16", "batch_sise = 16"), "recipe.batch_sise: Unexpected keyword argument"),
+        (SHAPES.replace("batch_size = 16", 'batch_size = "many"'), "recipe.batch_size: Input should be a valid int"),
+        (SHAPES.replace("channels = 1", "channels = 2"), "input.channels"),
+        ('name = "My Shapes"\n' + SHAPES, "the task name 'My Shapes' must be lower-case"),
+        (SHAPES.replace('classes = ["a", "b", "c"]', 'classes = ["a", "b"]\npositive_class = "c"'), "positive class"),
+        (SHAPES.replace("classes = ", 'positive_class = "a"\nclasses = '), "for two classes, not 3"),
+        (SHAPES.replace('arch = "compact_cnn"', 'arch = "resnet1000"'), "unknown arch 'resnet1000'"),
+        (SHAPES.replace("[recipe]", "[recipe"), "shapes.toml: "),
+        ('description = "d"\nintended_input = "i"', "input: Field required"),
+    ],
+)
+def test_a_wrong_task_file_is_refused_saying_what_is_wrong(
+    text: str, message: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    task_file = write(tmp_path, text)
+    with pytest.raises(ValueError, match="task file") as refused:
+        load_task_file(task_file)
+    assert message in str(refused.value)
+    assert run.main([str(task_file), "--data", str(tmp_path / "nowhere")]) == 2  # before any data is read
+    assert message in caplog.text and "does not exist" not in caplog.text
+
+
+def test_a_positive_class_the_folders_lack_is_a_data_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = make_image_folder(tmp_path / "data", ["benign", "other"], per_class=6, size=32)
+    task_file = write(tmp_path, SHAPES.replace('classes = ["a", "b", "c"]', 'positive_class = "malignant"'))
+    assert train(str(task_file), data, tmp_path, "--no-export") == 2
+    assert "positive class 'malignant' needs two classes, one of them it; found ['benign', 'other']" in caplog.text
+
+
+def test_an_unknown_task_or_model_name_is_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(SystemExit):
+        run.parse_args(["chest-xray", "--data", "x"])
+    error = capsys.readouterr().err
+    assert "unknown task 'chest-xray'" in error and "task file (.toml)" in error
+    assert run.main(["chest_xray", "--data", str(tmp_path), "--name", "Chest-v2"]) == 2
+    assert "--name 'Chest-v2'" in caplog.text
