@@ -152,8 +152,9 @@ class ModelCard(BaseModel):
         return self
 
     @property
-    def is_binary(self) -> bool:
-        return self.kind == "classifier" and len(self.classes) == 2
+    def positive_index(self) -> int | None:
+        """The positive class's output index (binary models with a threshold; see contract.decision)."""
+        return None if self.positive_class is None else self.classes.index(self.positive_class)
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / CARD_FILE

@@ -35,10 +35,10 @@ from starlette.routing import Route
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from contract.card import ModelCard  # noqa: E402
+from contract.card import ModelCard, versions  # noqa: E402
 from contract.preprocessing import ImageError, preprocess  # noqa: E402
 
-DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "chest_xray" / "1"
+DEFAULT_MODEL = REPO_ROOT / "models" / "chest_xray"
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -50,7 +50,7 @@ LEVELS = {
 
 def _session() -> tuple[ModelCard, ort.InferenceSession]:
     """Configured through the environment, so that uvicorn's worker processes see it too."""
-    model_dir = Path(os.environ.get("NAIVE_MODEL_DIR", DEFAULT_MODEL_DIR))
+    model_dir = Path(os.environ["NAIVE_MODEL_DIR"])
     card = ModelCard.load(model_dir)
     file = os.environ.get("NAIVE_ONNX_FILE") or card.onnx.file
     cuda = os.environ.get("NAIVE_DEVICE", "cpu") == "cuda"
@@ -126,7 +126,12 @@ app = Starlette(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="a version folder")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=DEFAULT_MODEL / (versions(DEFAULT_MODEL) or ["1"])[-1],
+        help="a version folder (default: chest_xray's newest)",
+    )
     parser.add_argument("--onnx-file", default="", help="file in the version folder (default: the card's fp32 file)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)

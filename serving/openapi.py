@@ -57,7 +57,7 @@ _BATCH_UPLOAD = {
                         "type": "array",
                         "items": {"type": "string", "format": "binary"},
                         "description": "PNG, JPEG or DICOM files, one `image` part each, at most "
-                        "IMAGEAI_MAX_IMAGES_PER_REQUEST (64)",
+                        "IMAGEAI_MAX_IMAGES_PER_REQUEST of them (default 64)",
                     }
                 },
             }

@@ -29,6 +29,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from contract.card import InputSpec, ModelCard
+from contract.decision import predicted_classes
 from contract.preprocessing import DICOM_MEDIA_TYPE, ImageError, TooManyPixels, load_pixels, normalize, preprocess
 from serving.batching import PREPROCESS_SECONDS, InferItem, Overloaded, for_model
 from serving.explain import overlay_png, scaled_map
@@ -252,16 +253,9 @@ def by_class(card: ModelCard, probabilities: np.ndarray) -> dict[str, float]:
 
 
 def decide(card: ModelCard, probabilities: np.ndarray) -> tuple[str, float]:
-    """The label and its probability: threshold on P(positive class) for models that have one, else argmax."""
-    scores = by_class(card, probabilities)
-    if card.positive_class is not None and card.threshold is not None:
-        if scores[card.positive_class] >= card.threshold:
-            label = card.positive_class
-        else:
-            label = max((name for name in card.classes if name != card.positive_class), key=scores.__getitem__)
-    else:
-        label = max(card.classes, key=scores.__getitem__)
-    return label, scores[label]
+    """The label and its probability, by the rule training evaluated with (contract.decision)."""
+    index = int(predicted_classes(probabilities, card.positive_index, card.threshold))
+    return card.classes[index], float(probabilities[index])
 
 
 def to_png(reconstruction: np.ndarray, spec: InputSpec) -> bytes:

@@ -10,6 +10,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from contract.card import InputSpec, ModelCard
+from contract.decision import predicted_classes
 from contract.preprocessing import ImageError, TooManyPixels, decode_image, load_pixels, normalize, preprocess
 
 GRAY = InputSpec(channels=1, height=16, width=16)
@@ -150,3 +151,19 @@ def test_card_validation() -> None:
     ):
         with pytest.raises(ValidationError):
             ModelCard.model_validate(bad)
+
+
+def test_one_decision_rule_for_evaluation_and_serving() -> None:
+    """Training's metrics, training.quantize and the service count the same predictions (contract.decision)."""
+    from serving.routes import decide
+    from training.evaluate import classification_metrics
+
+    probs = np.random.default_rng(0).dirichlet([1, 1], size=200)
+    labels = (probs[:, 1] > 0.3).astype(int)
+    card = ModelCard.model_construct(classes=["normal", "pneumonia"], positive_class="pneumonia", threshold=0.3)
+    served = np.array([card.classes.index(decide(card, row)[0]) for row in probs])
+    np.testing.assert_array_equal(served, predicted_classes(probs, 1, 0.3))
+    assert classification_metrics(labels, probs, card.classes, 1, 0.3)["accuracy"] == 1.0
+    assert (predicted_classes(probs, None, None) == probs.argmax(1)).all()
+    three = np.array([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]])
+    assert predicted_classes(three, 0, 0.1).tolist() == [1, 0], "a threshold is for two classes"

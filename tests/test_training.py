@@ -235,6 +235,20 @@ def test_a_negative_time_limit_is_refused_before_any_data_is_read(caplog: pytest
     assert "time limit" in caplog.text
 
 
+def test_epochs_zero_without_a_checkpoint_is_refused_before_any_data_is_read(caplog: pytest.LogCaptureFixture) -> None:
+    assert run.main(["covid", "--data", "no/such/folder", "--epochs", "0"]) == 2
+    assert "--epochs 0 evaluates and exports a --checkpoint" in caplog.text
+    assert run.main(["covid", "--data", "no/such/folder", "--epochs", "-1"]) == 2
+    assert "epochs must be 0" in caplog.text and "does not exist" not in caplog.text
+
+
+def test_a_diverged_training_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every validation loss NaN: no checkpoint was ever the best, and the run says why instead of a traceback."""
+    data = make_image_folder(tmp_path / "data", ["COVID", "NORMAL"], per_class=8, size=32)
+    assert train("covid", data, tmp_path, "--arch", "compact_cnn", "--image-size", "32", "--lr", "1e30") == 2
+    assert "training diverged" in caplog.text
+
+
 def test_recipe_and_augment_overrides_are_typed_and_recorded() -> None:
     args = run.parse_args(
         ["emotion", "--data", "x", "--recipe", "optimizer=adamw", "--recipe", "plateau_patience=8"]

@@ -109,12 +109,12 @@ def read_image_folders(spec: TaskSpec, root: Path, cache_dir: Path) -> dict[str,
 
 
 def _file_item(path: Path, label: str, root: Path, spec: TaskSpec) -> Item:
-    data = path.read_bytes()
+    """The file hashed now and decoded later, read again then: a large dataset's bytes are not all held at once."""
     return Item(
         id=str(path.relative_to(root)),
         label=label,
-        digest=hashlib.sha256(data).hexdigest(),
-        pixels=lambda: load_pixels(data, spec.input),
+        digest=hashlib.sha256(path.read_bytes()).hexdigest(),
+        pixels=lambda: load_pixels(path.read_bytes(), spec.input),
     )
 
 
@@ -202,14 +202,11 @@ def assign_splits(items: dict[str, list[Item]], spec: TaskSpec, seed: int, notes
     if "train" not in items or not items["train"]:
         raise DataError("no training images found")
     total = sum(len(v) for v in items.values())
-    if not items.get("test"):
-        share = spec.test_fraction * total / len(items["train"])
-        items["train"], items["test"] = _carve(items["train"], share, seed)
-        notes.append(f"test split carved from train ({spec.test_fraction:.0%} of all images, stratified, seed {seed})")
-    if not items.get("val"):
-        share = spec.val_fraction * total / len(items["train"])
-        items["train"], items["val"] = _carve(items["train"], share, seed + 1)
-        notes.append(f"val split carved from train ({spec.val_fraction:.0%} of all images, stratified, seed {seed})")
+    for split, fraction, split_seed in (("test", spec.test_fraction, seed), ("val", spec.val_fraction, seed + 1)):
+        if not items.get(split):
+            share = fraction * total / len(items["train"])
+            items["train"], items[split] = _carve(items["train"], share, split_seed)
+            notes.append(f"{split} split carved from train ({fraction:.0%} of all images, stratified, --seed {seed})")
     return {split: items[split] for split in SPLITS}
 
 
@@ -247,8 +244,8 @@ def load_dataset(spec: TaskSpec, root: Path, seed: int = 0, cache_dir: Path = Pa
 
     index = {c: n for n, c in enumerate(classes)}
     if cache_file.exists():
-        cached = np.load(cache_file, allow_pickle=False)
-        pixels = {split: cached[split] for split in SPLITS}
+        with np.load(cache_file, allow_pickle=False) as cached:
+            pixels = {split: cached[split] for split in SPLITS}
         log.info("loaded decoded images from cache %s", cache_file)
     else:
         pixels = {split: _decode(items[split], f"decode {split}") for split in SPLITS}

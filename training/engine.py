@@ -319,6 +319,11 @@ def fit(
                 break
     if writer is not None:
         writer.close()
+    if best_epoch == 0:  # every validation loss was NaN (or infinite): nothing to evaluate or export
+        raise RuntimeError(
+            f"no epoch of {epoch} gave a finite validation {recipe.monitor.removeprefix('val_')} (last loss "
+            f"{va_loss}): the training diverged; try a lower --lr"
+        )
     elapsed = time.perf_counter() - started
     if main:
         model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True)["state_dict"])

@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
+from contract.decision import predicted_classes  # noqa: E402
+
 
 def choose_threshold(y_true: np.ndarray, scores: np.ndarray, min_sensitivity: float) -> tuple[float, str]:
     """The highest threshold whose validation sensitivity (recall of the positive class) reaches ``min_sensitivity``.
@@ -42,11 +44,7 @@ def classification_metrics(
 ) -> dict:
     """All reported metrics. Binary tasks are scored for the positive class at the stored threshold."""
     k = len(classes)
-    if positive is not None and threshold is not None:
-        scores = probs[:, positive]
-        preds = np.where(scores >= threshold, positive, 1 - positive)
-    else:
-        preds = probs.argmax(1)
+    preds = predicted_classes(probs, positive, threshold)
     cm = skm.confusion_matrix(labels, preds, labels=list(range(k)))
     present = np.unique(labels)
     precision, recall, f1, support = skm.precision_recall_fscore_support(

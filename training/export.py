@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 import warnings
@@ -15,7 +14,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from contract.card import CARD_FILE, ONNX_FILE, ExplanationInfo, ModelCard, OnnxInfo, TensorSpec, sha256_file, versions
+from contract.card import ONNX_FILE, ExplanationInfo, ModelCard, OnnxInfo, TensorSpec, sha256_file, versions
 from contract.preprocessing import normalize
 
 OPSET = 18
@@ -203,5 +202,5 @@ def publish(
     for file in report_files:
         if file.exists():
             shutil.copyfile(file, report / file.name)
-    json.loads((target / CARD_FILE).read_text())  # the card must round-trip
+    ModelCard.load(target)  # the card must round-trip: what serving will read is what was written
     return target

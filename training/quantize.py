@@ -29,6 +29,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from contract.card import INT8_MAX_ACCURACY_DROP, ModelCard, QuantizedInfo, sha256_file
 from contract.cli import HelpFormatter
+from contract.decision import predicted_classes
 from contract.preprocessing import normalize
 from training import tasks
 from training.data import DataError, Dataset, load_dataset
@@ -117,16 +118,6 @@ def probabilities(sess: ort.InferenceSession, pixels: np.ndarray, spec, batch_si
     )
 
 
-def decisions(card: ModelCard, probs: np.ndarray) -> np.ndarray:
-    """Serving's rule (serving.routes.decide): the threshold on P(positive) for binary models, else the argmax."""
-    if card.positive_class is not None and card.threshold is not None:
-        positive = card.classes.index(card.positive_class)
-        other = 1 - positive if len(card.classes) == 2 else None
-        if other is not None:
-            return np.where(probs[:, positive] >= card.threshold, positive, other)
-    return probs.argmax(1)
-
-
 def seconds_per_image(sess: ort.InferenceSession, pixels: np.ndarray, spec, batch_size: int, budget: float) -> float:
     """Best of a few timed passes over the same batches (after one untimed pass)."""
     name = sess.get_inputs()[0].name
@@ -192,9 +183,12 @@ def quantize(
         staged.replace(int8_path)
 
     fp32, int8 = session(fp32_path), session(int8_path)
-    labels = test.labels
-    fp32_accuracy = float((decisions(card, probabilities(fp32, test.pixels, card.input)) == labels).mean())
-    int8_accuracy = float((decisions(card, probabilities(int8, test.pixels, card.input)) == labels).mean())
+
+    def accuracy(sess: ort.InferenceSession) -> float:  # as served: the card's decision rule
+        probs = probabilities(sess, test.pixels, card.input)
+        return float((predicted_classes(probs, card.positive_index, card.threshold) == test.labels).mean())
+
+    fp32_accuracy, int8_accuracy = accuracy(fp32), accuracy(int8)
     speedup = seconds_per_image(fp32, test.pixels, card.input, 32, timing_seconds) / seconds_per_image(
         int8, test.pixels, card.input, 32, timing_seconds
     )
@@ -221,7 +215,7 @@ def quantize(
         card.version,
         int8_accuracy,
         fp32_accuracy,
-        len(labels),
+        len(test.labels),
         speedup,
         speedup_single,
         info.served,

@@ -345,6 +345,8 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
     )
     if config.half_weights and spec.kind != "classifier":
         raise ValueError("--half-weights is for classifiers")
+    if config.epochs == 0 and not config.checkpoints:
+        raise ValueError("--epochs 0 evaluates and exports a --checkpoint: name one, or train at least one epoch")
     if len(config.checkpoints) > 1 and config.epochs != 0:
         raise ValueError("several --checkpoint files make an ensemble, evaluated and exported, not trained: --epochs 0")
     return spec, config

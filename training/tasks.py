@@ -73,6 +73,8 @@ class Recipe:
     reconstruction_loss: Literal["mse", "bce"] = "mse"  # autoencoder tasks; the test metric is MSE either way
 
     def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be 0 (with --checkpoint: evaluate and export it) or more; got {self.epochs}")
         if self.time_limit_minutes < 0:
             raise ValueError(
                 f"the time limit must be 0 (none) or a positive number of minutes; got {self.time_limit_minutes:g}"

@@ -73,7 +73,7 @@ def _torchvision_weights(builder, weights_enum, pretrained: bool) -> nn.Module:
 class Backbone(nn.Module):
     """A feature extractor followed by global average pooling and a classifier head."""
 
-    def __init__(self, features: nn.Module, num_features: int, head: nn.Module) -> None:
+    def __init__(self, features: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.features = features
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -98,7 +98,7 @@ def efficientnet_b2(
     stem = net.features[0][0]
     net.features[0][0] = adapt_input_conv(stem, in_chans)
     freeze_fraction(net.features, freeze)
-    return Backbone(net.features, 1408, reference_head(1408, num_classes))
+    return Backbone(net.features, reference_head(1408, num_classes))
 
 
 @register_model
@@ -117,7 +117,7 @@ def efficientnet_lite0(
     net._conv_stem = adapt_input_conv(net._conv_stem, in_chans)
     features = LiteFeatures(net)
     freeze_fraction(features, freeze)
-    return Backbone(features, 1280, reference_head(1280, num_classes))
+    return Backbone(features, reference_head(1280, num_classes))
 
 
 class LiteFeatures(nn.Module):
@@ -141,7 +141,7 @@ def resnet18(in_chans: int, num_classes: int, image_size: int, pretrained: bool,
     net.conv1 = adapt_input_conv(net.conv1, in_chans)
     features = nn.Sequential(*list(net.children())[:-2])
     freeze_fraction(features, freeze)
-    return Backbone(features, 512, nn.Sequential(nn.Flatten(), nn.Linear(512, num_classes)))
+    return Backbone(features, nn.Sequential(nn.Flatten(), nn.Linear(512, num_classes)))
 
 
 @register_model
@@ -153,4 +153,4 @@ def vgg16(in_chans: int, num_classes: int, image_size: int, pretrained: bool, fr
     head = nn.Sequential(
         nn.Flatten(), nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(256, num_classes)
     )
-    return Backbone(net.features, 512, head)
+    return Backbone(net.features, head)
