@@ -198,6 +198,48 @@ def _out_of_time(recipe: Recipe, elapsed: float, last_epoch: float, device: torc
     return distributed.all_reduce_sums([late], device)[0] > 0
 
 
+class EpochLog:
+    """Where each epoch is recorded, on rank 0 only: `history*.csv` (flushed every epoch, so a stopped run keeps it),
+    TensorBoard when asked for, and one console line."""
+
+    COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+
+    def __init__(self, history_file: Path, tensorboard_dir: Path | None, tag: str, enabled: bool) -> None:
+        self.tag, self.enabled = tag, enabled
+        self._file = open(history_file if enabled else os.devnull, "w", newline="")  # noqa: SIM115 (closed by close())
+        self._history = csv.writer(self._file)
+        self._history.writerow(self.COLUMNS)
+        self._tensorboard = None
+        if tensorboard_dir is not None and enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(tensorboard_dir)
+
+    def record(self, epoch: int, lr: float, train: tuple[float, float], val: tuple[float, float], seconds: float,
+               improved: bool) -> None:  # fmt: skip
+        (train_loss, train_acc), (val_loss, val_acc) = train, val
+        self._history.writerow([epoch, f"{lr:.3g}", f"{train_loss:.5f}", f"{train_acc:.4f}", f"{val_loss:.5f}",
+                                f"{val_acc:.4f}", f"{seconds:.1f}"])  # fmt: skip
+        self._file.flush()
+        if self._tensorboard is not None:
+            scalars = {"loss/train": train_loss, "loss/val": val_loss, "acc/train": train_acc, "acc/val": val_acc}
+            for name, value in (scalars | {"lr": lr}).items():
+                self._tensorboard.add_scalar(name, value, epoch)
+        self.note(
+            f"{self.tag or 'epoch'} {epoch:3d}  lr {lr:.2e}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+            f"val loss {val_loss:.4f} acc {val_acc:.4f}  {seconds:.0f}s{'  *best' if improved else ''}"
+        )
+
+    def note(self, line: str) -> None:
+        if self.enabled:
+            tqdm.write(line)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
 def fit(
     model: nn.Module,
     train: DataLoader,
@@ -234,61 +276,31 @@ def fit(
         min_lr=recipe.min_lr,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    writer = None
-    if tensorboard and main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(run_dir / "tensorboard" / tag)
-    checkpoint = run_dir / f"best{'-' + tag if tag else ''}.pt"
-    history_file = run_dir / f"history{'-' + tag if tag else ''}.csv"
     if recipe.monitor == "val_acc" and objective.accuracy is None:
         raise ValueError("--recipe monitor=val_acc needs a classifier; this objective has no accuracy")
+    checkpoint = run_dir / f"best{'-' + tag if tag else ''}.pt"
+    log = EpochLog(
+        run_dir / f"history{'-' + tag if tag else ''}.csv",
+        run_dir / "tensorboard" / tag if tensorboard else None,
+        tag,
+        enabled=main,
+    )
     best_loss, best_epoch, stale, images, started = float("inf"), 0, 0, 0, time.perf_counter()
     best_score = float("-inf")  # the monitored quantity, higher is better
-    with open(history_file if main else os.devnull, "w", newline="") as handle:
-        history = csv.writer(handle)
-        history.writerow(["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"])
+    try:
         for epoch in range(1, recipe.epochs + 1):
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             distributed.set_epoch(train, epoch)
+            desc = f"{tag or 'train'} epoch {epoch}/{recipe.epochs}"
             tr_loss, tr_acc, n = _run_epoch(
-                net,
-                train,
-                objective,
-                device,
-                optimizer,
-                scaler,
-                amp,
-                channels_last,
-                desc=f"{tag or 'train'} epoch {epoch}/{recipe.epochs}",
+                net, train, objective, device, optimizer, scaler, amp, channels_last, desc=desc
             )
             va_loss, va_acc, _ = _run_epoch(
                 model, val, objective, device, amp=amp, channels_last=channels_last, desc="validate"
             )
             images += n
             seconds = time.perf_counter() - t0
-            history.writerow(
-                [
-                    epoch,
-                    f"{lr:.3g}",
-                    f"{tr_loss:.5f}",
-                    f"{tr_acc:.4f}",
-                    f"{va_loss:.5f}",
-                    f"{va_acc:.4f}",
-                    f"{seconds:.1f}",
-                ]
-            )
-            handle.flush()
-            if writer is not None:
-                for name, value in (
-                    ("loss/train", tr_loss),
-                    ("loss/val", va_loss),
-                    ("acc/train", tr_acc),
-                    ("acc/val", va_acc),
-                    ("lr", lr),
-                ):
-                    writer.add_scalar(name, value, epoch)
             score = va_acc if recipe.monitor == "val_acc" else -va_loss
             improved = score > best_score + 1e-6
             if improved:
@@ -303,22 +315,16 @@ def fit(
                     torch.save(state, checkpoint)
             else:
                 stale += 1
-            if main:
-                tqdm.write(
-                    f"{tag or 'epoch'} {epoch:3d}  lr {lr:.2e}  train loss {tr_loss:.4f} acc {tr_acc:.4f}  "
-                    f"val loss {va_loss:.4f} acc {va_acc:.4f}  {seconds:.0f}s{'  *best' if improved else ''}"
-                )
+            log.record(epoch, lr, (tr_loss, tr_acc), (va_loss, va_acc), seconds, improved)
             scheduler.step(va_loss)
             if stale >= recipe.early_stopping_patience:
-                if main:
-                    tqdm.write(f"early stopping: no {recipe.monitor} improvement for {stale} epochs")
+                log.note(f"early stopping: no {recipe.monitor} improvement for {stale} epochs")
                 break
             if epoch < recipe.epochs and _out_of_time(recipe, time.perf_counter() - started, seconds, device):
-                if main:
-                    tqdm.write(f"time limit: another epoch would end past {recipe.time_limit_minutes:g} minutes")
+                log.note(f"time limit: another epoch would end past {recipe.time_limit_minutes:g} minutes")
                 break
-    if writer is not None:
-        writer.close()
+    finally:
+        log.close()
     if best_epoch == 0:  # every validation loss was NaN (or infinite): nothing to evaluate or export
         raise RuntimeError(
             f"no epoch of {epoch} gave a finite validation {recipe.monitor.removeprefix('val_')} (last loss "
