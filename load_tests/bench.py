@@ -65,7 +65,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from local_service import free_port  # noqa: E402
+import local_service  # noqa: E402
 from sample_images import folder_images, generated_images  # noqa: E402
 
 from contract.card import ModelCard, versions  # noqa: E402
@@ -254,19 +254,10 @@ class Server:
     log: Path
 
     def wait_ready(self, timeout: float, consecutive: int) -> None:
-        """Until /readyz answers 200 `consecutive` times in a row (with several workers, each answers for itself)."""
-        deadline, streak = time.monotonic() + timeout, 0
-        while streak < consecutive:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} not ready after {timeout} s:\n{self.log_tail()}")
-            status, _ = http_get(self.url + "/readyz")
-            streak = streak + 1 if status == 200 else 0
-            time.sleep(0.1 if status == 200 else 0.5)
+        local_service.wait_ready(self.url, self.process, self.log, timeout, consecutive, name=self.name)
 
     def log_tail(self, size: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-size:]
+        return local_service.log_tail(self.log, size)
 
     def cpu_seconds(self) -> float:
         """CPU time of the server and all its processes so far."""
@@ -296,15 +287,6 @@ class Server:
                         totals[_thread_job(process.pid, thread.id)] += thread.user_time + thread.system_time
         return totals
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
 
 def _thread_job(pid: int, tid: int) -> str:
     if tid == pid:
@@ -316,13 +298,13 @@ def _thread_job(pid: int, tid: int) -> str:
     return next((job for prefix, job in THREAD_JOBS.items() if name.startswith(prefix)), "other")
 
 
-def start(name: str, command: list[str], env: dict[str, str], workdir: Path, port: int) -> Server:
-    log = workdir / f"{name}.log"
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    return Server(name, f"http://127.0.0.1:{port}", process, log)
+@contextlib.contextmanager
+def running(name: str, port: int, process: subprocess.Popen, log: Path) -> Iterator[Server]:
+    """A started server, stopped (its process group and all) on the way out."""
+    try:
+        yield Server(name, f"http://127.0.0.1:{port}", process, log)
+    finally:
+        local_service.stop(process, timeout=20)
 
 
 @contextlib.contextmanager
@@ -333,27 +315,22 @@ def service(model_folder: Path, card: ModelCard, overrides: dict[str, str], work
     link = models / card.name
     if not link.exists():
         link.symlink_to(model_folder.parent.resolve(), target_is_directory=True)
-    port = free_port()
+    port = local_service.free_port()
     env = {
-        **os.environ,
         "BENTOML_HOME": str(workdir / "bentoml"),
-        "BENTOML_DO_NOT_TRACK": "true",
-        "IMAGEAI_MODELS_DIR": str(models),
         "IMAGEAI_MODEL_VERSIONS": f"{card.name}={card.version}",
         **overrides,
     }
-    command = [sys.executable, "-m", "bentoml", "serve", "serving.service:ImageAI"]
-    server = start("service", [*command, "--host", "127.0.0.1", "--port", str(port)], env, workdir, port)
-    try:
+    log = workdir / "service.log"
+    process = local_service.start_service(models, port, log, env, lenient=False)  # the one model must load
+    with running("service", port, process, log) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @contextlib.contextmanager
 def naive(model_folder: Path, settings: Settings, workdir: Path, onnx_file: str, tuned: bool) -> Iterator[Server]:
     """As written by hand (one process, onnxruntime defaults) or tuned (the service's workers and session settings)."""
-    port = free_port()
+    port = local_service.free_port()
     command = [
         sys.executable, str(Path(__file__).with_name("naive_server.py")), "--model-dir", str(model_folder),
         "--port", str(port), "--device", "cuda" if settings.device == "cuda" else "cpu", "--onnx-file", onnx_file,
@@ -363,11 +340,10 @@ def naive(model_folder: Path, settings: Settings, workdir: Path, onnx_file: str,
         command += ["--graph-optimization", settings.graph_optimization]
     else:
         command += ["--ort-defaults"]
-    server = start("naive_tuned" if tuned else "naive", command, dict(os.environ), workdir, port)
-    try:
+    name = "naive_tuned" if tuned else "naive"
+    log = workdir / f"{name}.log"
+    with running(name, port, local_service.start_process(command, dict(os.environ), log), log) as server:
         yield server
-    finally:
-        server.stop()
 
 
 SERVICE_HISTOGRAMS = {  # key -> the histogram on the service's /metrics whose sums and counts are read

@@ -30,6 +30,7 @@ from locust import HttpUser, between, events, task
 from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
 from sample_images import folder_images, generated_images
+from targets import ROUTES
 
 logger = logging.getLogger("loadtest")
 
@@ -78,13 +79,9 @@ def targets_for(models: list[dict], wanted: list[str]) -> list[Target]:
     targets = []
     for name in names:
         kind = (by_name.get(name, {}).get("card") or {}).get("kind", "classifier")
-        if kind == "autoencoder":
-            public = name.removesuffix("_autoencoder")  # /mnist/reconstruct serves mnist_autoencoder
-            targets += [Target(name, f"/{public}/reconstruct", "reconstruct", 1)]
-            targets += [Target(name, f"/{public}/encode", "encode", 1)]
-        else:
-            targets += [Target(name, f"/{name}/predict", "predict", 3), Target(name, f"/{name}/proba", "proba", 1)]
-            targets += [Target(name, f"/{name}/predict/batch", "predict/batch", 1, images=4)]
+        # /mnist/reconstruct serves mnist_autoencoder
+        public = name.removesuffix("_autoencoder") if kind == "autoencoder" else name
+        targets += [Target(name, f"/{public}/{route}", route, weight, images) for route, weight, images in ROUTES[kind]]
     return targets
 
 

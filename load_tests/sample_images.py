@@ -1,4 +1,4 @@
-"""Images to upload in load tests: a folder's PNG and JPEG files, or generated grayscale PNGs."""
+"""Images to upload in load tests: a folder's PNG and JPEG files, or generated ones (grayscale PNGs, colour JPEGs)."""
 
 from __future__ import annotations
 
@@ -19,16 +19,24 @@ def folder_images(folder: Path, count: int | None = None) -> list[tuple[str, byt
     return [(p.name, p.read_bytes(), IMAGE_SUFFIXES[p.suffix.lower()]) for p in files]
 
 
-def generated_images(count: int = 8, size: int = 256) -> list[tuple[str, bytes, str]]:
-    """Grayscale PNGs of smooth blobs plus noise: compressible like real scans, different from each other."""
+def generated_images(count: int = 8, size: int = 256, channels: int = 1) -> list[tuple[str, bytes, str]]:
+    """Smooth blobs plus noise: compressible like real uploads, different from each other. Grayscale as PNGs, colour
+    as JPEGs with a random brightness per channel."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size] / size
     images = []
     for index in range(count):
         cx, cy, width = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.4)
         blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * width**2))
-        pixels = np.clip(blob * 200 + rng.normal(0, 12, blob.shape) + 20, 0, 255).astype(np.uint8)
         buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG")
-        images.append((f"generated_{index}.png", buffer.getvalue(), "image/png"))
+        if channels == 1:
+            pixels = np.clip(blob * 200 + rng.normal(0, 12, blob.shape) + 20, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            suffix = ".png"
+        else:
+            layers = [blob * rng.uniform(120, 230) + rng.normal(0, 12, blob.shape) + 20 for _ in range(channels)]
+            pixels = np.clip(np.stack(layers, axis=-1), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+            suffix = ".jpg"
+        images.append((f"generated_{index}{suffix}", buffer.getvalue(), IMAGE_SUFFIXES[suffix]))
     return images

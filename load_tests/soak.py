@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import psutil
 from local_service import BIN, REPO_ROOT, free_port, start_service, stop, wait_ready
+from targets import ROUTES
 
 
 def targets(url: str) -> list[dict[str, Any]]:
@@ -38,16 +39,9 @@ def targets(url: str) -> list[dict[str, Any]]:
             continue
         spec = model["card"]["input"]
         size = min(512, max(64, 2 * spec["height"]))
-        classifier = model["card"]["kind"] == "classifier"
-        actions = ("predict", "proba", "predict/batch") if classifier else ("reconstruct", "encode")
         found += [
-            {
-                "path": f"/{model['name']}/{action}",
-                "channels": spec["channels"],
-                "size": size,
-                "images": 4 if action.endswith("/batch") else 1,
-            }
-            for action in actions
+            {"path": f"/{model['name']}/{action}", "channels": spec["channels"], "size": size, "images": images}
+            for action, _, images in ROUTES[model["card"]["kind"]]
         ]
     if not found:
         raise SystemExit("no ready model to soak")

@@ -10,7 +10,6 @@ Environment:
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 from locust import HttpUser, constant, constant_throughput, events, task
 from locust.env import Environment
-from PIL import Image
+from sample_images import generated_images
 
 TARGETS: list[dict[str, Any]] = json.loads(os.environ.get("SOAK_TARGETS", "[]"))
 USER_RPS = float(os.environ.get("SOAK_USER_RPS", "0"))
@@ -32,27 +31,7 @@ LATENCIES: dict[int, list[float]] = defaultdict(list)
 FAILURES: dict[int, Counter[str]] = defaultdict(Counter)
 
 
-def _images(channels: int, size: int, count: int = 6) -> list[tuple[str, bytes, str]]:
-    """Smooth blobs plus noise, PNG for grayscale and JPEG for colour: compressible like real uploads."""
-    rng = np.random.default_rng(size * 10 + channels)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    images = []
-    for index in range(count):
-        cx, cy, width = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.4)
-        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * width**2))
-        layers = [blob * rng.uniform(120, 230) + rng.normal(0, 12, blob.shape) + 20 for _ in range(channels)]
-        pixels = np.clip(np.stack(layers, axis=-1), 0, 255).astype(np.uint8)
-        buffer = io.BytesIO()
-        if channels == 1:
-            Image.fromarray(pixels[:, :, 0]).save(buffer, format="PNG")
-            images.append((f"soak_{index}.png", buffer.getvalue(), "image/png"))
-        else:
-            Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-            images.append((f"soak_{index}.jpg", buffer.getvalue(), "image/jpeg"))
-    return images
-
-
-UPLOADS = {target["path"]: _images(target["channels"], target["size"]) for target in TARGETS}
+UPLOADS = {target["path"]: generated_images(6, target["size"], target["channels"]) for target in TARGETS}
 
 
 @events.request.add_listener
