@@ -161,6 +161,11 @@ class FitResult:
     device: str | None = None  # where the checkpoint was trained (an adopted one may come from another machine)
 
 
+def history_file(checkpoint: Path) -> Path:
+    """The per-epoch history written beside a checkpoint: best[-stage].pt → history[-stage].csv (prefixes kept)."""
+    return checkpoint.with_name(checkpoint.stem.replace("best", "history", 1) + ".csv")
+
+
 def _run_epoch(model, loader, objective, device, optimizer=None, scaler=None, amp=False, channels_last=False, desc=""):
     training = optimizer is not None
     model.train(training)
@@ -280,7 +285,7 @@ def fit(
         raise ValueError("--recipe monitor=val_acc needs a classifier; this objective has no accuracy")
     checkpoint = run_dir / f"best{'-' + tag if tag else ''}.pt"
     log = EpochLog(
-        run_dir / f"history{'-' + tag if tag else ''}.csv",
+        history_file(checkpoint),
         run_dir / "tensorboard" / tag if tensorboard else None,
         tag,
         enabled=main,
@@ -353,10 +358,9 @@ def adopt_checkpoint(
     target = run_dir / f"{prefix}{checkpoint.name}"
     shutil.copyfile(checkpoint, target)
     seconds = 0.0
-    history_name = checkpoint.stem.replace("best", "history", 1) + ".csv"
-    source_history = checkpoint.with_name(history_name)
+    source_history = history_file(checkpoint)
     if source_history.exists():
-        shutil.copyfile(source_history, run_dir / f"{prefix}{history_name}")
+        shutil.copyfile(source_history, history_file(target))
         with open(source_history) as handle:
             rows = list(csv.DictReader(handle))
         seconds = sum(float(r["seconds"]) for r in rows)

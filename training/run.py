@@ -37,6 +37,7 @@ from training.engine import (
     balanced_class_weights,
     classification,
     fit,
+    history_file,
     make_loader,
     predict,
     reconstruction,
@@ -486,7 +487,18 @@ def _member_build(checkpoint: Path, config: RunConfig) -> tuple[str, dict, int]:
     )
 
 
-def finish_classifier(spec, config, data, run_dir, device, model, result, name, arch, extra_test_metrics=None) -> dict:
+def finish_classifier(
+    spec: TaskSpec,
+    config: RunConfig,
+    data: Dataset,
+    run_dir: Path,
+    device: torch.device,
+    model: nn.Module,
+    result: FitResult,
+    name: str,
+    arch: str,
+    extra_test_metrics: dict | None = None,
+) -> dict:
     """Threshold on validation, metrics and plots on test, export and publish (rank 0 only under torchrun)."""
     if not distributed.is_main():
         return {}
@@ -523,7 +535,7 @@ def finish_classifier(spec, config, data, run_dir, device, model, result, name, 
     }
     metrics["test"].update(extra_test_metrics or {})
     plot_history(
-        result.checkpoint.with_name(result.checkpoint.stem.replace("best", "history") + ".csv"),
+        history_file(result.checkpoint),
         run_dir / "curves.png",
         name,
     )
@@ -628,7 +640,9 @@ def train_autoencoder(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir:
 
 def _train_accuracy_at(result) -> float | None:
     """Training accuracy logged at the best epoch (with augmentation and dropout on, as Keras reports it)."""
-    history = result.checkpoint.with_name(result.checkpoint.stem.replace("best", "history") + ".csv")
+    history = history_file(result.checkpoint)
+    if not history.exists():  # an adopted checkpoint that came without its history
+        return None
     with open(history) as handle:
         rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) == result.best_epoch]
     return float(rows[0]["train_acc"]) if rows else None
