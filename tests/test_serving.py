@@ -556,3 +556,19 @@ def test_bentoml_build_makes_a_bento_without_torch(tmp_path: Path) -> None:
     # the container runs as BentoML's unprivileged user: the last USER line of the generated Dockerfile
     dockerfile = (bento.parent / "env" / "docker" / "Dockerfile").read_text()
     assert re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)[-1] == "bentoml"
+
+
+def test_the_public_routes_are_the_same_in_every_list() -> None:
+    """The routes, the OpenAPI document, the metrics labels and the load test's mix name the same model actions."""
+    from load_tests.targets import ROUTES as LOAD_TEST_ROUTES
+    from serving.metrics_labels import PUBLIC_ACTIONS
+    from serving.openapi import openapi_document
+    from serving.repository import ModelRepository
+    from serving.routes import ROUTES
+
+    routed = {route.path for route in ROUTES if route.path.startswith(("/{model}/", "/{name}/"))}
+    documented = {path for path in openapi_document(ModelRepository([]))["paths"] if path.startswith("/{")}
+    assert routed == documented
+    assert {path.split("}/", 1)[1] for path in routed} == set(PUBLIC_ACTIONS)
+    load_tested = {action for kind in LOAD_TEST_ROUTES.values() for action, _, _ in kind}
+    assert load_tested <= set(PUBLIC_ACTIONS), "the load test calls a route that does not exist"
