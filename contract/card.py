@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CARD_FILE = "model.json"
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
 MODEL_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"  # a model's name: its folder in models/ and its routes
 VERSION_PATTERN = r"^[0-9]+$"  # a version: its folder in models/<name>/
 
@@ -94,7 +95,7 @@ class QuantizedInfo(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    file: str = "model.int8.onnx"
+    file: str = INT8_FILE
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     calibration_images: int = Field(gt=0)  # validation images the activation ranges were calibrated on
     test_accuracy: float = Field(ge=0.0, le=1.0)  # on the card's test split, with the card's decision rule

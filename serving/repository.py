@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import ValidationError
 
-from contract.card import CARD_FILE, INT8_MAX_ACCURACY_DROP, ModelCard, versions
+from contract.card import CARD_FILE, ModelCard, versions
 from serving.config import Settings
 
 logger = logging.getLogger("bentoml.imageai")
@@ -76,9 +76,9 @@ def _read_int8(folder: Path, card: ModelCard) -> bytes | None:
     info = card.quantized
     if info is None or not info.served:
         return None
-    too_far = info.test_accuracy < info.fp32_test_accuracy - INT8_MAX_ACCURACY_DROP - 1e-9
-    if too_far or Path(info.file).name != info.file:
-        logger.warning("model %s: the card's int8 entry is inconsistent; serving fp32", card.name)
+    # (an int8 entry more than 1 accuracy point below fp32 never gets here: ModelCard refuses to load it)
+    if Path(info.file).name != info.file:
+        logger.warning("model %s: the card's int8 file is not a plain file name; serving fp32", card.name)
         return None
     try:
         data = (folder / info.file).read_bytes()

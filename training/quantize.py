@@ -27,7 +27,7 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from contract.card import INT8_MAX_ACCURACY_DROP, ModelCard, QuantizedInfo, sha256_file
+from contract.card import INT8_FILE, INT8_MAX_ACCURACY_DROP, ModelCard, QuantizedInfo, sha256_file
 from contract.cli import HelpFormatter
 from contract.decision import predicted_classes
 from contract.preprocessing import normalize
@@ -37,7 +37,6 @@ from training.published import add_published_model_arguments, published_model_fo
 from training.tasks import TaskSpec
 
 log = logging.getLogger("training.quantize")
-INT8_FILE = "model.int8.onnx"
 METHODS = {
     "minmax": CalibrationMethod.MinMax,
     "entropy": CalibrationMethod.Entropy,
