@@ -585,7 +585,7 @@ def train_autoencoder(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir:
         name = f"{config.name} autoencoder"
         plot_history(run_dir / "history-autoencoder.csv", run_dir / "curves-autoencoder.png", name)
 
-    classifier = CodeClassifier(copy.deepcopy(autoencoder.encoder), autoencoder.decoder[0].in_features, k)
+    classifier = CodeClassifier(copy.deepcopy(autoencoder.encoder), autoencoder.code_size, k)
     for param in classifier.encoder.parameters():
         param.requires_grad_(False)
     stage2 = stage(classifier, classification(None), spec.recipe)
@@ -594,7 +594,8 @@ def train_autoencoder(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir:
         frozen_probs = predict(classifier, data.splits["test"].pixels, spec.input, device)
         extra["frozen_encoder_accuracy"] = float((frozen_probs.argmax(1) == data.splits["test"].labels).mean())
         log.info(
-            "classifier on the frozen code: test accuracy %.4f; fine-tuning encoder and head next", *extra.values()
+            "classifier on the frozen code: test accuracy %.4f; fine-tuning encoder and head next",
+            extra["frozen_encoder_accuracy"],
         )
         for param in classifier.encoder.parameters():
             param.requires_grad_(True)

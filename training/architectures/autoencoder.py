@@ -26,6 +26,7 @@ class Autoencoder(nn.Module):
         super().__init__()
         self.shape = (in_chans, image_size, image_size)
         pixels = in_chans * image_size * image_size
+        self.code_size = code_size
         self.encoder = nn.Sequential(nn.Flatten(), _mlp([pixels, *hidden, code_size], None))
         self.decoder = _mlp([code_size, *reversed(hidden), pixels], nn.Sigmoid())
 
