@@ -31,10 +31,9 @@ from contract.card import INT8_FILE, INT8_MAX_ACCURACY_DROP, ModelCard, Quantize
 from contract.cli import HelpFormatter
 from contract.decision import predicted_classes
 from contract.preprocessing import normalize
-from training import tasks
 from training.data import DataError, Dataset, load_dataset
 from training.published import add_published_model_arguments, published_model_folder
-from training.tasks import TaskSpec
+from training.tasks import recorded_task
 
 log = logging.getLogger("training.quantize")
 METHODS = {
@@ -82,9 +81,10 @@ def _explanation_only_nodes(graph: onnx.GraphProto, output: str) -> list[str]:
 
 def card_dataset(card: ModelCard, data_root: Path, cache_dir: Path, seed: int | None = None) -> Dataset:
     """The splits the card's model was trained and tested on, rebuilt from `data_root` (the fingerprint must match):
-    by the task as the card records it (a task file's too); older cards, which do not, by their registered task."""
-    recorded = card.training.get("task_spec")
-    spec = TaskSpec.from_dict(recorded, f"{card.name}'s card") if recorded else tasks.get_task(card.task)
+    by the task the card records (training.tasks.recorded_task)."""
+    spec = recorded_task(card)
+    if spec is None:
+        raise DataError(f"{card.name}'s card records no task spec and {card.task!r} is not a registered task")
     spec = spec.with_overrides(input=card.input)
     seed = int(card.training.get("seed", 0)) if seed is None else seed
     data = load_dataset(spec, data_root, seed=seed, cache_dir=cache_dir)

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from contract.card import ModelCard, versions
-from training.tasks import TASKS
+from training.tasks import recorded_task
 
 
 def latest_cards(models: Path) -> list[ModelCard]:
@@ -45,7 +45,7 @@ def row(card: ModelCard) -> str:
         if card.training.get("half_weights"):
             notes.append("float16 weights")
         quality = "; ".join(notes)
-    task, reference = TASKS.get(card.task), ""
+    task, reference = recorded_task(card), ""
     if task is not None:
         from_scratch = not card.training.get("pretrained")
         reference = task.scratch_reference if from_scratch and task.scratch_reference else task.reference

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-from contract.card import MODEL_NAME_PATTERN, InputSpec
+from contract.card import MODEL_NAME_PATTERN, InputSpec, ModelCard
 
 IMAGENET_GRAY = dict(channels=1, normalization="mean_std", mean=(0.449,), std=(0.226,))
 IMAGENET_RGB = dict(channels=3, normalization="mean_std", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -152,6 +152,13 @@ TASKS: dict[str, TaskSpec] = {}
 def register_task(spec: TaskSpec) -> TaskSpec:
     TASKS[spec.name] = spec
     return spec
+
+
+def recorded_task(card: ModelCard) -> TaskSpec | None:
+    """The task a published model was trained as: the spec its card records (a task file's too), else, for cards
+    written before cards recorded it, the registered task of that name (None if there is none)."""
+    recorded = card.training.get("task_spec")
+    return TaskSpec.from_dict(recorded, f"{card.name}'s card") if recorded else TASKS.get(card.task)
 
 
 def get_task(name: str) -> TaskSpec:
