@@ -4,6 +4,7 @@ with the same predictions as that PNG; undecodable files get a 4xx naming the re
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -198,3 +199,29 @@ def test_served_dicom_errors_are_4xx_naming_the_reason(server: Server) -> None:
     big = dicom(np.zeros((1100, 1000), np.uint16), syntax=RLELossless)  # a few kB, but over the 1 MP limit
     response = _post(server, "/chest_xray/predict", big)
     assert response.status_code == 413 and response.json()["error"]["code"] == "too_many_pixels"
+
+
+def test_a_folder_of_dicom_files_trains_and_its_model_reads_them_as_served(tmp_path: Path) -> None:
+    """`.dcm` files in a class folder are training images, decoded by the contract exactly as uploads are."""
+    from contract.card import ModelCard
+    from tests.synthetic import make_image
+    from tests.tiny_tasks import train
+    from training.data import load_dataset
+    from training.tasks import get_task
+
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("NORMAL", "PNEUMONIA")):
+        folder = tmp_path / "data" / "train" / name
+        folder.mkdir(parents=True)
+        for index in range(12):
+            pixels = np.asarray(make_image(label, 40, "L", rng), dtype=np.uint16) * 16  # 12-bit, as a DX stores it
+            (folder / f"{index}.dcm").write_bytes(dicom(pixels))
+    assert train("chest_xray", tmp_path / "data", tmp_path, "--arch", "compact_cnn", "--image-size", "32") == 0
+    card = ModelCard.load(tmp_path / "models" / "chest_xray" / "1")
+    assert sum(card.dataset["class_counts"]["train"].values()) + card.metrics["test"]["n"] <= 24
+
+    spec = get_task("chest_xray").with_overrides(input=card.input)
+    data = load_dataset(spec, tmp_path / "data", cache_dir=tmp_path / "fresh-cache")
+    first = data.splits["test"].ids[0]
+    expected = load_pixels((tmp_path / "data" / first).read_bytes(), card.input)  # what the service decodes
+    np.testing.assert_array_equal(data.splits["test"].pixels[0], expected)

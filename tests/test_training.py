@@ -92,6 +92,15 @@ def test_missing_data_folder_is_a_clear_error(tmp_path: Path, caplog: pytest.Log
     assert "does not exist" in caplog.text and "NORMAL" in caplog.text
 
 
+def test_undecodable_files_are_named_all_at_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = make_image_folder(tmp_path / "data", ["COVID", "NORMAL"], per_class=8, size=32, splits=("train", "test"))
+    (data / "train" / "COVID" / "notes.png").write_bytes(b"not an image at all")
+    (data / "test" / "NORMAL" / "cut.png").write_bytes((data / "test" / "NORMAL" / "NORMAL_0.png").read_bytes()[:60])
+    assert train("covid", data, tmp_path, "--arch", "compact_cnn", "--image-size", "32", "--no-export") == 2
+    assert "2 image files cannot be decoded" in caplog.text
+    assert "train/COVID/notes.png" in caplog.text and "test/NORMAL/cut.png (the image data is truncated" in caplog.text
+
+
 def test_offline_pretrained_weights_fail_with_a_clear_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -23,12 +23,12 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
-from contract.preprocessing import image_to_pixels, load_pixels
+from contract.preprocessing import ImageError, image_to_pixels, load_pixels
 from training.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm"}  # .dcm: DICOM, as served
 SPLIT_ALIASES = {
     "train": "train",
     "training": "train",
@@ -114,7 +114,7 @@ def _file_item(path: Path, label: str, root: Path, spec: TaskSpec) -> Item:
         id=str(path.relative_to(root)),
         label=label,
         digest=hashlib.sha256(path.read_bytes()).hexdigest(),
-        pixels=lambda: load_pixels(path.read_bytes(), spec.input),
+        pixels=lambda: load_pixels(path.read_bytes(), spec.input, dicom=path.suffix.lower() == ".dcm"),
     )
 
 
@@ -213,10 +213,29 @@ def assign_splits(items: dict[str, list[Item]], spec: TaskSpec, seed: int, notes
 # --- decoding and cache -----------------------------------------------------------------------------------------------
 
 
-def _decode(items: list[Item], desc: str) -> np.ndarray:
+def _decode(items: dict[str, list[Item]]) -> dict[str, np.ndarray]:
+    """Every split's pixels; DataError naming every file that cannot be decoded, in any split, not only the first."""
+
+    def pixels(item: Item) -> np.ndarray | Exception:
+        try:
+            return item.pixels()
+        except ImageError as error:
+            return error
+
+    decoded, failed = {}, []
     with ThreadPoolExecutor() as pool:  # Pillow releases the GIL while decoding
-        arrays = list(tqdm(pool.map(lambda item: item.pixels(), items), total=len(items), desc=desc, leave=False))
-    return np.stack(arrays)
+        for split, split_items in items.items():
+            results = list(
+                tqdm(pool.map(pixels, split_items), total=len(split_items), desc=f"decode {split}", leave=False)
+            )
+            failed += [
+                f"{item.id} ({e})" for item, e in zip(split_items, results, strict=True) if isinstance(e, Exception)
+            ]
+            decoded[split] = results
+    if failed:
+        shown = "; ".join(failed[:10]) + (f"; and {len(failed) - 10} more" if len(failed) > 10 else "")
+        raise DataError(f"{len(failed)} image files cannot be decoded; remove or replace them: {shown}")
+    return {split: np.stack(results) for split, results in decoded.items()}
 
 
 def load_dataset(spec: TaskSpec, root: Path, seed: int = 0, cache_dir: Path = Path(".cache")) -> Dataset:
@@ -248,7 +267,7 @@ def load_dataset(spec: TaskSpec, root: Path, seed: int = 0, cache_dir: Path = Pa
             pixels = {split: cached[split] for split in SPLITS}
         log.info("loaded decoded images from cache %s", cache_file)
     else:
-        pixels = {split: _decode(items[split], f"decode {split}") for split in SPLITS}
+        pixels = _decode({split: items[split] for split in SPLITS})
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp.npz")
         np.savez(tmp, **pixels)
