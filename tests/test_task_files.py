@@ -113,7 +113,7 @@ def test_a_positive_class_the_folders_lack_is_a_data_error(tmp_path: Path, caplo
     data = make_image_folder(tmp_path / "data", ["benign", "other"], per_class=6, size=32)
     task_file = write(tmp_path, SHAPES.replace('classes = ["a", "b", "c"]', 'positive_class = "malignant"'))
     assert train(str(task_file), data, tmp_path, "--no-export") == 2
-    assert "positive class 'malignant' needs two classes, one of them it; found ['benign', 'other']" in caplog.text
+    assert "the positive class 'malignant' is not one of the classes ['benign', 'other']: rename it" in caplog.text
 
 
 def test_an_unknown_task_or_model_name_is_refused_up_front(
@@ -125,3 +125,32 @@ def test_an_unknown_task_or_model_name_is_refused_up_front(
     assert "unknown task 'chest-xray'" in error and "task file (.toml)" in error
     assert run.main(["chest_xray", "--data", str(tmp_path), "--name", "Chest-v2"]) == 2
     assert "--name 'Chest-v2'" in caplog.text
+
+
+def test_a_new_class_set_is_not_published_over_a_name_silently(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The service answers with a name's newest version: a version predicting other classes needs --version."""
+    first = make_image_folder(tmp_path / "first", ["a", "b", "c"], per_class=8, size=40)
+    assert train(str(write(tmp_path, SHAPES)), first, tmp_path) == 0
+    other = make_image_folder(tmp_path / "other", ["x", "y"], per_class=8, size=40)
+    two = write(tmp_path, SHAPES.replace('classes = ["a", "b", "c"]', ""), name="two.toml")
+    assert train(str(two), other, tmp_path, "--name", "shapes") == 2
+    assert "v1 predicts ['a', 'b', 'c'], this run's model ['x', 'y']" in caplog.text
+    assert not list((tmp_path / "runs" / "shapes").glob("*/history.csv"))[1:], "refused before training"
+    assert train(str(two), other, tmp_path, "--name", "shapes", "--version", "2") == 0
+    assert ModelCard.load(tmp_path / "models" / "shapes" / "2").classes == ["x", "y"]
+
+
+def test_folder_mistakes_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = make_image_folder(tmp_path / "data", ["covid", "healthy"], per_class=6, size=32)
+    typo = SHAPES.replace('classes = ["a", "b", "c"]', 'class_map = { covid = "covid", helthy = "healthy" }')
+    assert train(str(write(tmp_path, typo)), data, tmp_path, "--no-export") == 2
+    assert "class_map names folders that are not in" in caplog.text and "['helthy']" in caplog.text
+    empty = SHAPES.replace('classes = ["a", "b", "c"]', 'classes = ["covid", "healthy", "other"]')
+    assert train(str(write(tmp_path, empty)), data, tmp_path, "--no-export") == 2
+    assert "no training images of ['other']" in caplog.text
+    three = make_image_folder(tmp_path / "three", ["a", "b", "c"], per_class=6, size=32)
+    positive = SHAPES.replace('classes = ["a", "b", "c"]', 'positive_class = "a"')
+    assert train(str(write(tmp_path, positive)), three, tmp_path, "--no-export") == 2
+    assert "there are 3, ['a', 'b', 'c']: leave positive_class out" in caplog.text

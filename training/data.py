@@ -95,9 +95,11 @@ def read_image_folders(spec: TaskSpec, root: Path, cache_dir: Path) -> dict[str,
     if not split_dirs:
         split_dirs = {"train": root}
     items: dict[str, list[Item]] = {}
+    folders: set[str] = set()
     for split, folder in split_dirs.items():
         files = []
         for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
+            folders.add(class_dir.name)
             label = class_dir.name if spec.class_map is None else spec.class_map.get(class_dir.name)
             if label is None:
                 continue
@@ -105,6 +107,13 @@ def read_image_folders(spec: TaskSpec, root: Path, cache_dir: Path) -> dict[str,
         items[split] = [
             _file_item(path, label, root, spec) for path, label in tqdm(files, desc=f"hash {split}", leave=False)
         ]
+    if spec.class_map is not None:  # a misspelt folder name would silently leave a whole class out
+        if missing := sorted(set(spec.class_map) - folders):
+            raise DataError(
+                f"class_map names folders that are not in {root}: {missing}; its folders: {sorted(folders)}"
+            )
+        if left_out := sorted(folders - set(spec.class_map)):
+            log.info("folders left out (not in class_map): %s", ", ".join(left_out))
     return items
 
 
@@ -253,8 +262,17 @@ def load_dataset(spec: TaskSpec, root: Path, seed: int = 0, cache_dir: Path = Pa
     missing = set(found) - set(classes)
     if missing or len(classes) < 2:
         raise DataError(f"found classes {found}, expected {classes}")
-    if spec.positive_class is not None and (spec.positive_class not in classes or len(classes) != 2):
-        raise DataError(f"positive class {spec.positive_class!r} needs two classes, one of them it; found {classes}")
+    if without := [name for name in classes if name not in {i.label for i in items["train"]}]:
+        raise DataError(
+            f"no training images of {without}; the classes with some: {sorted({i.label for i in items['train']})}"
+        )
+    if spec.positive_class is not None and spec.positive_class not in classes:
+        raise DataError(f"the positive class {spec.positive_class!r} is not one of the classes {classes}: rename it")
+    if spec.positive_class is not None and len(classes) != 2:
+        raise DataError(
+            f"a positive class (and its threshold) is for two classes, and there are {len(classes)}, {classes}: leave "
+            "positive_class out (the label is then the most probable class), or merge folders with class_map"
+        )
 
     manifest = sorted((split, i.id, i.label, i.digest) for split, lst in items.items() for i in lst)
     fingerprint = hashlib.sha256(json.dumps(manifest).encode()).hexdigest()

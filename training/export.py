@@ -145,6 +145,21 @@ def onnx_tensors(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return specs(graph.input), specs(graph.output)
 
 
+def check_same_classes(models_dir: Path, name: str, classes: list[str]) -> None:
+    """Refuse to publish a classifier as a new version of a name whose newest version predicts other classes: the
+    service answers with a name's newest version, so its clients would silently get other labels."""
+    found = versions(models_dir / name)
+    if not found:
+        return
+    newest = ModelCard.load(models_dir / name / found[-1])
+    if newest.kind == "classifier" and newest.classes != classes:
+        raise ExportError(
+            f"{models_dir / name} v{found[-1]} predicts {newest.classes}, this run's model {classes}: the service "
+            f"serves a name's newest version, so its clients would get other labels. Publish under another --name, "
+            f"or give --version to replace it deliberately"
+        )
+
+
 def next_version(models_dir: Path, name: str) -> str:
     existing = versions(models_dir / name)
     return str(int(existing[-1]) + 1 if existing else 1)

@@ -53,6 +53,7 @@ from training.evaluate import (
 from training.explain import EXPLANATION_OUTPUT, classifier_graph, explanation_info
 from training.export import (
     ExportError,
+    check_same_classes,
     export_onnx,
     publish,
     round_weights_to_half,
@@ -700,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
     """One training run; under `torchrun --nproc_per_node=N` one of N processes (training.distributed)."""
     level = logging.INFO if distributed.is_main() else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("onnxscript").setLevel(logging.WARNING)
+    for chatty in ("onnxscript", "onnx_ir"):  # the exporter's graph passes log every node they touch at INFO
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     args = parse_args(argv)
     try:
         spec, config = resolve(args)
@@ -721,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("run folder %s (%d processes)", run_dir, distributed.world_size())
         with distributed.main_first():  # rank 0 decodes and caches the images, the others read its cache
             data = load_dataset(spec, Path(config.data), config.seed, Path(config.cache_dir))
+        if config.export and config.version is None:  # said before training, not after it
+            check_same_classes(Path(config.models_dir), config.name, data.classes)
         for note in data.notes:
             log.info("data: %s", note)
         trainer = train_autoencoder if spec.kind == "autoencoder" else train_classifier

@@ -43,7 +43,7 @@ def load_task_file(path: Path) -> TaskSpec:
         raise ValueError(f"task file {path}: {error}") from None
     missing = [key for key in REQUIRED if key not in declared]
     if missing:
-        raise ValueError(f"task file {path}: declare {' and '.join(missing)} (they go into the model card)")
+        raise ValueError(f"task file {path}: declare {' and '.join(missing)}: what the model is for goes into its card")
     declared.setdefault("name", path.stem)
     fields = _inherited(declared.pop("base", None), path)
     if any(key in declared for key in CLASS_FIELDS):

@@ -9,7 +9,7 @@ architecture and the training recipe of the reference report.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
@@ -136,14 +136,21 @@ class TaskSpec:
         try:
             return _SPEC.validate_python(data)
         except ValidationError as error:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg'].removeprefix('Value error, ')}"
-                for e in error.errors()
-            )
-            raise ValueError(f"{origin}: {problems}") from None
+            raise ValueError(f"{origin}: {'; '.join(map(_problem, error.errors()))}") from None
 
 
 _SPEC = TypeAdapter(TaskSpec)
+_TABLES = {(): TaskSpec, ("input",): InputSpec, ("recipe",): Recipe, ("augment",): Augment}
+
+
+def _problem(error: dict[str, Any]) -> str:
+    """One validation error as `where: what`, with the settings allowed where an unknown one was given."""
+    where, what = error["loc"], error["msg"].removeprefix("Value error, ")
+    if error["type"] in ("unexpected_keyword_argument", "extra_forbidden") and where[:-1] in _TABLES:
+        table = _TABLES[where[:-1]]
+        names = list(InputSpec.model_fields) if table is InputSpec else [f.name for f in fields(table)]
+        what += f" (the settings here: {', '.join(names)})"
+    return f"{'.'.join(map(str, where)) or 'spec'}: {what}"
 
 
 TASKS: dict[str, TaskSpec] = {}
