@@ -93,6 +93,11 @@ def compact_cnn(
     )
 
 
+def _dropout(rate: float) -> nn.Module:
+    """Dropout, or nothing at rate 0 (the layer count stays the same, so checkpoints load either way)."""
+    return nn.Dropout(rate) if rate > 0 else nn.Identity()
+
+
 @register_model
 def alzheimer_cnn(
     in_chans: int, num_classes: int, image_size: int, pretrained: bool, dropout: float = 0.3, init: str = "glorot"
@@ -102,15 +107,14 @@ def alzheimer_cnn(
     ``dropout=0`` and ``init`` reproduce its ablations.
     """
     _no_pretrained("alzheimer_cnn", pretrained)
-    drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
     flat = 32 * (image_size // 4) ** 2
     model = nn.Sequential(
         conv_bn_relu(in_chans, 32),
-        nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
+        _dropout(dropout),
         conv_bn_relu(32, 32),
         nn.MaxPool2d(2),
         conv_bn_relu(32, 32),
-        nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
+        _dropout(dropout),
         conv_bn_relu(32, 32),
         nn.MaxPool2d(2),
         nn.Flatten(),
@@ -120,7 +124,7 @@ def alzheimer_cnn(
         nn.Linear(128, 64),
         nn.BatchNorm1d(64),
         nn.ReLU(inplace=True),
-        drop,
+        _dropout(dropout),
         nn.Linear(64, num_classes),
     )
     return initialise(model, init)
