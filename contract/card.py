@@ -148,6 +148,8 @@ class ModelCard(BaseModel):
             raise ValueError(f"positive_class {self.positive_class!r} is not one of the classes")
         if (self.threshold is None) != (self.positive_class is None):
             raise ValueError("threshold and positive_class go together")
+        if self.threshold is not None and len(self.classes) != 2:
+            raise ValueError("a decision threshold is for two classes (contract.decision)")
         if self.explanation is not None and self.kind != "classifier":
             raise ValueError("only a classifier can carry an explanation output")
         return self
@@ -167,11 +169,11 @@ class ModelCard(BaseModel):
         return cls.model_validate_json((Path(folder) / CARD_FILE).read_text())
 
 
-def versions(model_dir: Path) -> list[str]:
+def version_folders(model_dir: Path) -> list[str]:
     """The version folders of models/<name>/, oldest first (by number: 10 after 9); none if it does not exist."""
     if not model_dir.is_dir():
         return []
-    found = (p.name for p in model_dir.iterdir() if p.is_dir() and re.match(VERSION_PATTERN, p.name))
+    found = (p.name for p in model_dir.iterdir() if p.is_dir() and re.fullmatch(VERSION_PATTERN, p.name))
     return sorted(found, key=int)
 
 

@@ -68,7 +68,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import local_service  # noqa: E402
 from sample_images import folder_images, generated_images  # noqa: E402
 
-from contract.card import ModelCard, versions  # noqa: E402
+from contract.card import ModelCard, version_folders  # noqa: E402
 from contract.cli import HelpFormatter  # noqa: E402
 from contract.preprocessing import preprocess  # noqa: E402
 from serving.config import Settings, available_cores  # noqa: E402
@@ -117,7 +117,7 @@ def write_bodies(images: list[tuple[str, bytes, str]], per_request: int, workdir
 
 
 def resolve_model(models_dir: Path, name: str, version: str | None) -> tuple[Path, ModelCard]:
-    found = versions(models_dir / name)
+    found = version_folders(models_dir / name)
     if not found:
         raise SystemExit(f"no versions of model {name!r} in {models_dir}")
     folder = models_dir / name / (version or found[-1])

@@ -35,7 +35,7 @@ from starlette.routing import Route
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from contract.card import ModelCard, versions  # noqa: E402
+from contract.card import ModelCard, version_folders  # noqa: E402
 from contract.preprocessing import ImageError, preprocess  # noqa: E402
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "chest_xray"
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument(
         "--model-dir",
         type=Path,
-        default=DEFAULT_MODEL / (versions(DEFAULT_MODEL) or ["1"])[-1],
+        default=DEFAULT_MODEL / (version_folders(DEFAULT_MODEL) or ["1"])[-1],
         help="a version folder (default: chest_xray's newest)",
     )
     parser.add_argument("--onnx-file", default="", help="file in the version folder (default: the card's fp32 file)")

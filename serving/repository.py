@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import ValidationError
 
-from contract.card import CARD_FILE, ModelCard, versions
+from contract.card import CARD_FILE, ModelCard, version_folders
 from serving.config import Settings
 
 logger = logging.getLogger("bentoml.imageai")
@@ -360,7 +360,7 @@ class ModelRepository:
 
 def _load_entry(model_dir: Path, settings: Settings) -> ModelEntry:
     name = model_dir.name
-    found = versions(model_dir)
+    found = version_folders(model_dir)
     version = settings.model_versions.get(name) or (found[-1] if found else None)
     try:
         if version is None:

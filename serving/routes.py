@@ -392,7 +392,8 @@ async def explain(request: Request) -> Response:
             409,
             "explanation_unavailable",
             f"model {card.name} version {card.version} was exported without an explanation output; re-export it "
-            f"from its checkpoint: python -m training.run {card.task} --data DATA --checkpoint RUN/best.pt --epochs 0",
+            f"from its checkpoint: python -m training.run {card.task} (or its task file) --data DATA --checkpoint "
+            "RUN/best.pt --epochs 0",
         )
     pixels = await _decoded(request, runner.explainer, load_pixels)
     outputs = await _explained(runner.explainer, normalize(pixels, card.input))

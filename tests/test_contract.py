@@ -144,6 +144,7 @@ def test_card_validation() -> None:
         card(positive_class="COVID"),
         card(threshold=None),
         card(classes=["only"], positive_class=None, threshold=None),
+        card(classes=["COVID", "NORMAL", "OTHER"], positive_class="COVID"),  # a threshold is for two classes
         card(name="../etc"),
         card(version="latest"),
         card(onnx={"sha256": "xyz", "opset": 18, "inputs": [], "outputs": []}),

@@ -13,6 +13,7 @@ from serving.repository import ModelRepository
 from tests.synthetic import make_image_folder
 from tests.tiny_tasks import train
 from training import run
+from training.export import replacement_problem
 from training.quantize import card_dataset
 from training.task_files import load_task_file
 from training.tasks import TaskSpec, get_task
@@ -65,6 +66,22 @@ def test_the_example_task_files_declare_what_they_say() -> None:
     assert lesions.source == "image_folders" and "<class>" in lesions.data_hint
 
 
+def test_a_base_keeps_its_class_set_unless_the_file_declares_one(tmp_path: Path) -> None:
+    head = 'base = "alzheimer"\ndescription = "d"\nintended_input = "i"\n'
+    stricter = load_task_file(write(tmp_path, head + "min_sensitivity = 0.8\n", "stricter.toml"))
+    alzheimer = get_task("alzheimer")
+    assert (stricter.class_map, stricter.classes, stricter.positive_class) == (
+        alzheimer.class_map,
+        alzheimer.classes,
+        alzheimer.positive_class,
+    ) and stricter.min_sensitivity == 0.8
+    mci = load_task_file(write(tmp_path, head + 'positive_class = "MCI"\n', "mci.toml"))
+    assert mci.positive_class == "MCI" and mci.class_map == alzheimer.class_map
+    two = 'class_map = { NonDemented = "CN", MildDemented = "AD" }\n'
+    own = load_task_file(write(tmp_path, head + two, "own.toml"))
+    assert own.classes is None and own.positive_class is None and own.min_sensitivity == 0.95
+
+
 def test_a_task_file_trains_publishes_and_rebuilds_its_splits_from_the_card(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data", ["a", "b", "c"], per_class=16, size=40)
     task_file = write(tmp_path, SHAPES)
@@ -94,7 +111,9 @@ def test_a_task_file_trains_publishes_and_rebuilds_its_splits_from_the_card(tmp_
         (SHAPES.replace('classes = ["a", "b", "c"]', 'classes = ["a", "b"]\npositive_class = "c"'), "positive class"),
         (SHAPES.replace("classes = ", 'positive_class = "a"\nclasses = '), "for two classes, not 3"),
         (SHAPES.replace('arch = "compact_cnn"', 'arch = "resnet1000"'), "unknown arch 'resnet1000'"),
-        (SHAPES.replace("[recipe]", "[recipe"), "shapes.toml: "),
+        (SHAPES.replace("[recipe]", "[recipe"), "Expected ']' at the end of a table declaration"),
+        (SHAPES.replace('classes = ["a", "b", "c"]', 'classes = ["a", "b", "a"]'), "name one class twice"),
+        ('name = "shapes\\n"\n' + SHAPES, "must be lower-case"),
         ('description = "d"\nintended_input = "i"', "input: Field required"),
     ],
 )
@@ -136,10 +155,12 @@ def test_a_new_class_set_is_not_published_over_a_name_silently(
     other = make_image_folder(tmp_path / "other", ["x", "y"], per_class=8, size=40)
     two = write(tmp_path, SHAPES.replace('classes = ["a", "b", "c"]', ""), name="two.toml")
     assert train(str(two), other, tmp_path, "--name", "shapes") == 2
-    assert "v1 predicts ['a', 'b', 'c'], this run's model ['x', 'y']" in caplog.text
+    assert "v1: classifier, classes ['a', 'b', 'c']; this run's model: classifier, classes ['x', 'y']" in caplog.text
     assert not list((tmp_path / "runs" / "shapes").glob("*/history.csv"))[1:], "refused before training"
     assert train(str(two), other, tmp_path, "--name", "shapes", "--version", "2") == 0
     assert ModelCard.load(tmp_path / "models" / "shapes" / "2").classes == ["x", "y"]
+    problem = replacement_problem(tmp_path / "models", "shapes", "autoencoder", [])
+    assert problem is not None and "v2: classifier, classes ['x', 'y']; this run's model: autoencoder" in problem
 
 
 def test_folder_mistakes_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -244,6 +244,21 @@ def test_a_negative_time_limit_is_refused_before_any_data_is_read(caplog: pytest
     assert "time limit" in caplog.text
 
 
+def test_a_checkpoint_adopted_without_its_history_exports(tmp_path: Path) -> None:
+    """`--checkpoint elsewhere/model.pt --epochs 0`: no history.csv beside it, so no curves and no train accuracy."""
+    import shutil
+
+    data = make_image_folder(tmp_path / "data", ["COVID", "NORMAL"], per_class=8, size=32)
+    common = ("--arch", "compact_cnn", "--image-size", "32")
+    assert train("covid", data, tmp_path / "first", *common, "--no-export") == 0
+    lone = tmp_path / "elsewhere" / "model.pt"
+    lone.parent.mkdir()
+    shutil.copyfile(next((tmp_path / "first" / "runs" / "covid").glob("*/best.pt")), lone)
+    assert train("covid", data, tmp_path, *common, "--epochs", "0", "--checkpoint", str(lone)) == 0
+    card = ModelCard.load(tmp_path / "models" / "covid" / "1")
+    assert card.metrics["training"]["train_accuracy"] is None and card.metrics["test"]["n"] > 0
+
+
 def test_epochs_zero_without_a_checkpoint_is_refused_before_any_data_is_read(caplog: pytest.LogCaptureFixture) -> None:
     assert run.main(["covid", "--data", "no/such/folder", "--epochs", "0"]) == 2
     assert "--epochs 0 evaluates and exports a --checkpoint" in caplog.text

@@ -223,7 +223,7 @@ def assign_splits(items: dict[str, list[Item]], spec: TaskSpec, seed: int, notes
 
 
 def _decode(items: dict[str, list[Item]]) -> dict[str, np.ndarray]:
-    """Every split's pixels; DataError naming every file that cannot be decoded, in any split, not only the first."""
+    """Every split's pixels; DataError counting the files of any split that cannot be decoded, naming ten."""
 
     def pixels(item: Item) -> np.ndarray | Exception:
         try:

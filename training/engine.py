@@ -209,9 +209,9 @@ class EpochLog:
 
     COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
 
-    def __init__(self, history_file: Path, tensorboard_dir: Path | None, tag: str, enabled: bool) -> None:
+    def __init__(self, history: Path, tensorboard_dir: Path | None, tag: str, enabled: bool) -> None:
         self.tag, self.enabled = tag, enabled
-        self._file = open(history_file if enabled else os.devnull, "w", newline="")  # noqa: SIM115 (closed by close())
+        self._file = open(history if enabled else os.devnull, "w", newline="")  # noqa: SIM115 (closed by close())
         self._history = csv.writer(self._file)
         self._history.writerow(self.COLUMNS)
         self._tensorboard = None

@@ -121,6 +121,9 @@ def held_out_metrics(
 
 
 def plot_history(history_csv: Path, out: Path, title: str) -> None:
+    """Loss and accuracy curves by epoch; none for a checkpoint adopted without its history."""
+    if not history_csv.exists():
+        return
     with open(history_csv) as handle:
         rows = list(csv.DictReader(handle))
     if not rows:

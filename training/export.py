@@ -14,7 +14,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from contract.card import ONNX_FILE, ExplanationInfo, ModelCard, OnnxInfo, TensorSpec, sha256_file, versions
+from contract.card import ONNX_FILE, ExplanationInfo, ModelCard, OnnxInfo, TensorSpec, sha256_file, version_folders
 from contract.preprocessing import normalize
 
 OPSET = 18
@@ -145,23 +145,24 @@ def onnx_tensors(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return specs(graph.input), specs(graph.output)
 
 
-def check_same_classes(models_dir: Path, name: str, classes: list[str]) -> None:
-    """Refuse to publish a classifier as a new version of a name whose newest version predicts other classes: the
-    service answers with a name's newest version, so its clients would silently get other labels."""
-    found = versions(models_dir / name)
+def replacement_problem(models_dir: Path, name: str, kind: str, classes: list[str]) -> str | None:
+    """Why a `kind` model predicting `classes` must not become the next version of `name` (None: it may): the
+    service answers with a name's newest version, so its clients would silently get another kind or other labels."""
+    found = version_folders(models_dir / name)
     if not found:
-        return
+        return None
     newest = ModelCard.load(models_dir / name / found[-1])
-    if newest.kind == "classifier" and newest.classes != classes:
-        raise ExportError(
-            f"{models_dir / name} v{found[-1]} predicts {newest.classes}, this run's model {classes}: the service "
-            f"serves a name's newest version, so its clients would get other labels. Publish under another --name, "
-            f"or give --version to replace it deliberately"
-        )
+    if (newest.kind, newest.classes) == (kind, classes):
+        return None
+    return (
+        f"{models_dir / name} v{found[-1]}: {newest.kind}, classes {newest.classes}; this run's model: {kind}, classes "
+        f"{classes}. The service serves a name's newest version, so its clients would get other answers: publish "
+        f"under another --name, or give --version to replace it deliberately"
+    )
 
 
 def next_version(models_dir: Path, name: str) -> str:
-    existing = versions(models_dir / name)
+    existing = version_folders(models_dir / name)
     return str(int(existing[-1]) + 1 if existing else 1)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from contract.card import CARD_FILE, versions
+from contract.card import CARD_FILE, version_folders
 
 
 def add_published_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def add_published_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def published_model_folder(args: argparse.Namespace) -> Path:
     """models/<model>/<version>/ named by those arguments; FileNotFoundError when it has no model card."""
-    found = versions(args.models_dir / args.model)
+    found = version_folders(args.models_dir / args.model)
     version = args.version or (found[-1] if found else None)
     folder = args.models_dir / args.model / (version or "")
     if version is None or not (folder / CARD_FILE).exists():

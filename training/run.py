@@ -53,9 +53,9 @@ from training.evaluate import (
 from training.explain import EXPLANATION_OUTPUT, classifier_graph, explanation_info
 from training.export import (
     ExportError,
-    check_same_classes,
     export_onnx,
     publish,
+    replacement_problem,
     round_weights_to_half,
     store_weights_in_half,
     verify_parity,
@@ -297,7 +297,7 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
         changes["mirror_average"] = args.mirror_average
     if args.augment:
         changes["augment"] = replace(spec.augment, **parse_settings("--augment", Augment, args.augment))
-    if args.name and not re.match(MODEL_NAME_PATTERN, args.name):  # said now, not when the trained model is exported
+    if args.name and not re.fullmatch(MODEL_NAME_PATTERN, args.name):  # said now, not at the export
         raise ValueError(
             f"--name {args.name!r}: a model's name is lower-case letters, digits and _ (its folder, routes)"
         )
@@ -399,6 +399,20 @@ def _adopted_runs(config: RunConfig) -> dict:
         return {}
     configs = [Path(path).with_name("config.json") for path in config.checkpoints]
     return {"trained_by": [json.loads(c.read_text()) if c.exists() else None for c in configs]}
+
+
+def _refuse_replacing(spec: TaskSpec, config: RunConfig, data: Dataset) -> None:
+    """ExportError if a model this run publishes would replace one of another kind or class set (rank 0 reads the
+    repository, every rank gets its answer: under torchrun they must stop together or not at all)."""
+    published = [(config.name, "classifier", data.classes)]
+    if spec.kind == "autoencoder":
+        published.append((f"{config.name}_autoencoder", "autoencoder", []))
+    problems = []
+    if distributed.is_main():
+        problems = [replacement_problem(Path(config.models_dir), *model) for model in published]
+    problem = next(filter(None, distributed.broadcast(problems)), None)
+    if problem:
+        raise ExportError(problem)
 
 
 def _loaders(spec: TaskSpec, config: RunConfig, data: Dataset) -> tuple[DataLoader, DataLoader]:
@@ -724,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         with distributed.main_first():  # rank 0 decodes and caches the images, the others read its cache
             data = load_dataset(spec, Path(config.data), config.seed, Path(config.cache_dir))
         if config.export and config.version is None:  # said before training, not after it
-            check_same_classes(Path(config.models_dir), config.name, data.classes)
+            _refuse_replacing(spec, config, data)
         for note in data.notes:
             log.info("data: %s", note)
         trainer = train_autoencoder if spec.kind == "autoencoder" else train_classifier

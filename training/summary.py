@@ -8,14 +8,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from contract.card import ModelCard, versions
+from contract.card import ModelCard, version_folders
 from training.tasks import recorded_task
 
 
 def latest_cards(models: Path) -> list[ModelCard]:
     cards = []
     for folder in sorted(p for p in models.iterdir() if p.is_dir()):
-        found = versions(folder)
+        found = version_folders(folder)
         if found:
             cards.append(ModelCard.load(folder / found[-1]))
     return cards
@@ -45,7 +45,11 @@ def row(card: ModelCard) -> str:
         if card.training.get("half_weights"):
             notes.append("float16 weights")
         quality = "; ".join(notes)
-    task, reference = recorded_task(card), ""
+    try:
+        task = recorded_task(card)
+    except ValueError:  # a task spec recorded by another version of this code: the reference is a nicety
+        task = None
+    reference = ""
     if task is not None:
         from_scratch = not card.training.get("pretrained")
         reference = task.scratch_reference if from_scratch and task.scratch_reference else task.reference

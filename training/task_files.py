@@ -30,8 +30,10 @@ FOLDER_LAYOUT = (
 )
 NESTED = ("input", "recipe", "augment", "arch_options")  # tables merged setting by setting onto the base's
 NOT_INHERITED = ("reference", "scratch_reference")  # about the base task's reference report, not yours
-# declared together: a file that names any of them gets none of its base's (a new class set has its own positive class)
-CLASS_FIELDS = ("class_map", "classes", "positive_class", "min_sensitivity")
+# a file that declares a class set (class_map or classes) gets none of these from its base: a new class set has its
+# own positive class and sensitivity floor, if any
+CLASS_SET = ("class_map", "classes")
+CLASS_FIELDS = (*CLASS_SET, "positive_class", "min_sensitivity")
 REQUIRED = ("description", "intended_input")
 
 
@@ -46,7 +48,7 @@ def load_task_file(path: Path) -> TaskSpec:
         raise ValueError(f"task file {path}: declare {' and '.join(missing)}: what the model is for goes into its card")
     declared.setdefault("name", path.stem)
     fields = _inherited(declared.pop("base", None), path)
-    if any(key in declared for key in CLASS_FIELDS):
+    if any(key in declared for key in CLASS_SET):
         fields = {key: value for key, value in fields.items() if key not in CLASS_FIELDS}
     for key, value in declared.items():
         fields[key] = fields.get(key, {}) | value if key in NESTED and isinstance(value, dict) else value

@@ -112,8 +112,10 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         """Refuse a spec whose parts contradict each other when it is declared, not after its data is decoded."""
-        if not re.match(MODEL_NAME_PATTERN, self.name):
+        if not re.fullmatch(MODEL_NAME_PATTERN, self.name):
             raise ValueError(f"the task name {self.name!r} must be lower-case letters, digits and _ (a model's name)")
+        if self.classes and len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"the classes {list(self.classes)} name one class twice")
         classes = self.classes or (sorted(set(self.class_map.values())) if self.class_map else None)
         if classes is not None and self.positive_class is not None:
             if self.positive_class not in classes:
