@@ -156,7 +156,7 @@ def test_a_new_class_set_is_not_published_over_a_name_silently(
     two = write(tmp_path, SHAPES.replace('classes = ["a", "b", "c"]', ""), name="two.toml")
     assert train(str(two), other, tmp_path, "--name", "shapes") == 2
     assert "v1: classifier, classes ['a', 'b', 'c']; this run's model: classifier, classes ['x', 'y']" in caplog.text
-    assert not list((tmp_path / "runs" / "shapes").glob("*/history.csv"))[1:], "refused before training"
+    assert len(list((tmp_path / "runs" / "shapes").iterdir())) == 1, "refused before training: no run folder"
     assert train(str(two), other, tmp_path, "--name", "shapes", "--version", "2") == 0
     assert ModelCard.load(tmp_path / "models" / "shapes" / "2").classes == ["x", "y"]
     problem = replacement_problem(tmp_path / "models", "shapes", "autoencoder", [])

@@ -729,16 +729,17 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.launched() and config.epochs == 0:
             raise ValueError("--epochs 0 evaluates and exports without training: run it without torchrun")
         device = distributed.setup(config.device)
-        # one folder for all ranks, named by rank 0's clock; only rank 0 writes into it (and publishes)
+        with distributed.main_first():  # rank 0 decodes and caches the images, the others read its cache
+            data = load_dataset(spec, Path(config.data), config.seed, Path(config.cache_dir))
+        if config.export and config.version is None:  # said before training, not after it
+            _refuse_replacing(spec, config, data)
+        # one folder for all ranks, named by rank 0's clock; only rank 0 writes into it (and publishes). Made once the
+        # data is known to be usable, so that a refused run leaves no folder behind.
         run_dir = distributed.broadcast(Path(config.runs_dir) / config.name / time.strftime("%Y%m%d-%H%M%S"))
         if distributed.is_main():
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
             log.info("run folder %s (%d processes)", run_dir, distributed.world_size())
-        with distributed.main_first():  # rank 0 decodes and caches the images, the others read its cache
-            data = load_dataset(spec, Path(config.data), config.seed, Path(config.cache_dir))
-        if config.export and config.version is None:  # said before training, not after it
-            _refuse_replacing(spec, config, data)
         for note in data.notes:
             log.info("data: %s", note)
         trainer = train_autoencoder if spec.kind == "autoencoder" else train_classifier
