@@ -175,3 +175,15 @@ def test_folder_mistakes_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixt
     positive = SHAPES.replace('classes = ["a", "b", "c"]', 'positive_class = "a"')
     assert train(str(write(tmp_path, positive)), three, tmp_path, "--no-export") == 2
     assert "there are 3, ['a', 'b', 'c']: leave positive_class out" in caplog.text
+
+
+def test_compare_takes_a_task_file(tmp_path: Path) -> None:
+    """`training.compare my_task.toml --vary ...`: one table under the task's name, one row per value."""
+    from training import compare
+
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], per_class=8, size=40)
+    task_file = write(tmp_path, SHAPES)
+    command = [str(task_file), "--data", str(data), "--vary", "lr", "1e-3", "1e-2", "--out", str(tmp_path / "cmp")]
+    assert compare.main([*command, "--", "--epochs", "1", "--workers", "0"]) == 0
+    table = (tmp_path / "cmp" / "shapes" / "lr.md").read_text()
+    assert table.startswith("# shapes: varying lr") and "lr=1e-3" in table and "lr=1e-2" in table
