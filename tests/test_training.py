@@ -372,3 +372,19 @@ def test_compare_writes_one_table(tmp_path: Path) -> None:
     assert "depth=1" in table and "depth=2" in table and "test_acc" in table
     rows = json.dumps((tmp_path / "cmp" / "covid" / "depth.csv").read_text())
     assert rows.count("depth=") == 2
+
+
+def test_split_folder_holds_the_cards_test_split_by_class(trained: Trained, tmp_path: Path) -> None:
+    """`python -m training.split_folder`: the images the card's test metrics were measured on, a folder per class."""
+    from training import split_folder
+
+    card = ModelCard.load(trained.models / "alzheimer" / "1")
+    out = tmp_path / "alzheimer-test"
+    command = ["alzheimer", "--data", str(trained.data["alzheimer"]), "--models-dir", str(trained.models),
+               "--cache-dir", str(trained.cache), "--out", str(out)]  # fmt: skip
+    assert split_folder.main(command) == 0
+    found = {folder.name: len(list(folder.iterdir())) for folder in out.iterdir()}
+    assert found == {name: n for name, n in card.dataset["class_counts"]["test"].items() if n}
+    link = next((out / "AD").iterdir())
+    assert link.is_symlink() and link.resolve().is_relative_to(trained.data["alzheimer"].resolve())
+    assert split_folder.main(command) == 2, "a folder that is not empty is refused"
