@@ -14,7 +14,7 @@ from tests.synthetic import make_image_folder
 from tests.tiny_tasks import train
 from training import run
 from training.export import replacement_problem
-from training.quantize import card_dataset
+from training.published import card_dataset
 from training.task_files import load_task_file
 from training.tasks import TaskSpec, get_task
 

@@ -1,12 +1,14 @@
-"""Naming a published model on the command line: the arguments and the folder they point to (training.quantize,
-training.halve)."""
+"""A published model on the command line: the arguments naming it, the folder they point to, and the dataset splits
+its card was measured on (training.quantize, training.halve, training.split_folder)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from contract.card import CARD_FILE, version_folders
+from contract.card import CARD_FILE, ModelCard, version_folders
+from training.data import DataError, Dataset, load_dataset
+from training.tasks import recorded_task
 
 
 def add_published_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,3 +29,21 @@ def published_model_folder(args: argparse.Namespace) -> Path:
         wanted = f"version {args.version}" if args.version else "any version"
         raise FileNotFoundError(f"no published model {args.model}, {wanted}, in {args.models_dir}")
     return folder
+
+
+def card_dataset(card: ModelCard, data_root: Path, cache_dir: Path, seed: int | None = None) -> Dataset:
+    """The splits the card's model was trained and tested on, rebuilt from `data_root` (the fingerprint must match):
+    by the task the card records (training.tasks.recorded_task)."""
+    spec = recorded_task(card)
+    if spec is None:
+        raise DataError(f"{card.name}'s card records no task spec and {card.task!r} is not a registered task")
+    spec = spec.with_overrides(input=card.input)
+    seed = int(card.training.get("seed", 0)) if seed is None else seed
+    data = load_dataset(spec, data_root, seed=seed, cache_dir=cache_dir)
+    expected = card.dataset.get("fingerprint")
+    if expected and data.fingerprint != expected:
+        raise DataError(
+            "the dataset differs from the one this model was trained and tested on (fingerprint mismatch): "
+            "pass the same --data (and the --seed of training)"
+        )
+    return data

@@ -31,9 +31,8 @@ from contract.card import INT8_FILE, INT8_MAX_ACCURACY_DROP, ModelCard, Quantize
 from contract.cli import HelpFormatter
 from contract.decision import predicted_classes
 from contract.preprocessing import normalize
-from training.data import DataError, Dataset, load_dataset
-from training.published import add_published_model_arguments, published_model_folder
-from training.tasks import recorded_task
+from training.data import DataError
+from training.published import add_published_model_arguments, card_dataset, published_model_folder
 
 log = logging.getLogger("training.quantize")
 METHODS = {
@@ -77,24 +76,6 @@ def _explanation_only_nodes(graph: onnx.GraphProto, output: str) -> list[str]:
 
     others = set().union(*(ancestors(o.name) for o in graph.output if o.name != output))
     return sorted(ancestors(output) - others)
-
-
-def card_dataset(card: ModelCard, data_root: Path, cache_dir: Path, seed: int | None = None) -> Dataset:
-    """The splits the card's model was trained and tested on, rebuilt from `data_root` (the fingerprint must match):
-    by the task the card records (training.tasks.recorded_task)."""
-    spec = recorded_task(card)
-    if spec is None:
-        raise DataError(f"{card.name}'s card records no task spec and {card.task!r} is not a registered task")
-    spec = spec.with_overrides(input=card.input)
-    seed = int(card.training.get("seed", 0)) if seed is None else seed
-    data = load_dataset(spec, data_root, seed=seed, cache_dir=cache_dir)
-    expected = card.dataset.get("fingerprint")
-    if expected and data.fingerprint != expected:
-        raise DataError(
-            "the dataset differs from the one this model was trained and tested on (fingerprint mismatch): "
-            "pass the same --data (and the --seed of training)"
-        )
-    return data
 
 
 def session(path: Path, threads: int = 0) -> ort.InferenceSession:

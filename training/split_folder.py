@@ -21,18 +21,16 @@ from pathlib import Path
 from contract.card import ModelCard
 from contract.cli import HelpFormatter
 from training.data import DataError
-from training.published import add_published_model_arguments, published_model_folder
-from training.quantize import card_dataset
+from training.published import add_published_model_arguments, card_dataset, published_model_folder
 
 log = logging.getLogger("training.split_folder")
 
 
 def write_split_folder(folder: Path, data_root: Path, out: Path, split: str, copy: bool, cache_dir: Path) -> int:
     """Link (or copy) the model's `split` into `out`/<class>/; the number of files."""
-    card = ModelCard.load(folder)
-    data = card_dataset(card, data_root, cache_dir)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(out.iterdir()):  # said before the dataset is read
         raise FileExistsError(f"{out} is not empty: give a new folder")
+    data = card_dataset(ModelCard.load(folder), data_root, cache_dir)
     images = data.splits[split]
     for item_id, label in zip(images.ids, images.labels, strict=True):
         target = out / data.classes[label] / item_id.replace("/", "__")
