@@ -224,5 +224,6 @@ def test_a_folder_of_dicom_files_trains_and_its_model_reads_them_as_served(tmp_p
     spec = get_task("chest_xray").with_overrides(input=card.input)
     data = load_dataset(spec, tmp_path / "data", cache_dir=tmp_path / "fresh-cache")
     first = data.splits["test"].ids[0]
-    expected = load_pixels((tmp_path / "data" / first).read_bytes(), card.input)  # what the service decodes
+    # what the service decodes from the same file sent as application/dicom (a bare dataset needs the declared type)
+    expected = load_pixels((tmp_path / "data" / first).read_bytes(), card.input, dicom=True)
     np.testing.assert_array_equal(data.splits["test"].pixels[0], expected)
