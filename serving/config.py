@@ -85,6 +85,9 @@ class Settings(BaseModel):
     # for this share of the requests; unset: no tracing at all (tracing_config)
     tracing_endpoint: str = ""
     tracing_sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    # BentoML's access log, a line per request (not the probes): off where an ingress already logs every request;
+    # ≈ 0.04 ms of CPU per request (load_tests/framework_floor.py)
+    access_log: bool = True
 
     @field_validator("model_versions", mode="before")
     @classmethod
@@ -126,6 +129,28 @@ class Settings(BaseModel):
     def batches_in_flight(self) -> int:
         """Batches each worker runs at once (IMAGEAI_BATCHING=direct): cores ÷ (workers x intra-op threads)."""
         return max(1, available_cores() // (self.workers * self.threads_per_session))
+
+    @property
+    def bentoml_options(self) -> dict[str, object]:
+        """The `@bentoml.service` options (load_tests/framework_floor.py serves a no-op route with the same ones)."""
+        return {
+            "workers": self.workers,
+            # no traffic.max_concurrency: the in-process /infer calls would count against it and get 429s
+            "traffic": {"timeout": self.request_timeout_s},
+            "tracing": self.tracing_config,
+            # self.to_async talks to this very process. BentoML renews that client session every 100 requests by
+            # default and closes the old one under in-flight calls, failing them; in-process it buys nothing.
+            "runner_connection": {"max_requests": 2**31 - 1, "max_age": 1e9},
+            # the internal /infer calls would double every access-log line and request metric; probes would flood it
+            "logging": {
+                "access": {
+                    "enabled": self.access_log,
+                    "skip_paths": [
+                        "/metrics", "/healthz", "/livez", "/readyz", "/infer", "/v2/health/live", "/v2/health/ready"
+                    ]
+                }
+            },
+        }  # fmt: skip
 
     @property
     def tracing_config(self) -> dict[str, object]:

@@ -71,22 +71,7 @@ def _known_model(name: str, action: str) -> bool:
 metrics_labels.install(_known_model)
 
 
-@bentoml.service(
-    name="imageai",
-    workers=settings.workers,
-    # no traffic.max_concurrency: the in-process /infer calls would count against it and get 429s
-    traffic={"timeout": settings.request_timeout_s},
-    tracing=settings.tracing_config,
-    # self.to_async talks to this very process. BentoML renews that client session every 100 requests by
-    # default and closes the old one under in-flight calls, failing them; in-process it buys nothing.
-    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
-    # the internal /infer calls would double every access-log line and request metric; probes would flood the log
-    logging={
-        "access": {
-            "skip_paths": ["/metrics", "/healthz", "/livez", "/readyz", "/infer", "/v2/health/live", "/v2/health/ready"]
-        }
-    },
-)
+@bentoml.service(name="imageai", **settings.bentoml_options)
 @bentoml.asgi_app(routes_app)
 class ImageAI:
     """Image classifiers and autoencoders from the ONNX model repository, with adaptive batching."""

@@ -65,6 +65,21 @@ def test_training_benchmark_runs_both_pipelines(tmp_path: Path) -> None:
     assert all(r["images_per_s"] > 0 for r in runs.values()) and set(report["ratios"]) == {"data", "train", "step"}
 
 
+@pytest.mark.slow
+def test_framework_floor_serves_the_no_op_route_three_ways(tmp_path: Path) -> None:
+    """`load_tests/framework_floor.py`: bare uvicorn, BentoML as the service runs, and BentoML without access log."""
+    out = tmp_path / "floor.json"
+    command = [sys.executable, "load_tests/framework_floor.py", "--rounds", "1", "--seconds", "1", "--warmup", "0",
+               "--count", "2", "--connections", "2", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"bare", "bentoml", "bentoml_quiet"}
+    for [run] in report["runs"].values():
+        assert run["requests_per_s"] > 0 and run["cpu_ms_per_request"] > 0 and run["errors"] == 0
+    assert "BentoML's layers, as the service configures them" in result.stdout
+
+
 def test_session_memory_compares_the_arena_on_and_off(model_repository: Path) -> None:
     command = [sys.executable, "load_tests/session_memory.py", str(model_repository / "rgb" / "1"),
                "--max-batch", "4", "--repeats", "1"]  # fmt: skip

@@ -542,6 +542,22 @@ def test_traces_reach_an_otlp_collector_when_an_endpoint_is_set(
 
 
 @pytest.mark.slow
+def test_the_access_log_can_be_turned_off(server: Server, model_repository: Path, tmp_path: Path, png: PNG) -> None:
+    """IMAGEAI_ACCESS_LOG reaches BentoML: on by default (the shared server), off here; the metrics stay."""
+    assert _post(server, "/chest_xray/predict", png(0)).status_code == 200
+    server.wait_for_log("path=/chest_xray/predict")
+    quiet = start_server(model_repository, tmp_path, readiness="lenient", access_log="false")
+    try:
+        quiet.wait("/readyz")
+        assert _post(quiet, "/chest_xray/predict", png(0)).status_code == 200
+        metrics = httpx.get(quiet.url + "/metrics").text
+    finally:
+        quiet.stop()
+    assert 'bentoml_service_request_total{endpoint="/chest_xray/predict"' in metrics
+    assert "path=/chest_xray/predict" not in quiet.log.read_text()
+
+
+@pytest.mark.slow
 def test_bentoml_build_makes_a_bento_without_torch(tmp_path: Path) -> None:
     env = {**os.environ, "BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "true"}
     subprocess.run([str(BIN / "bentoml"), "build", REPO_ROOT], cwd=REPO_ROOT, env=env, check=True, capture_output=True)
