@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.synthetic import make_image_folder
 from training.data import load_dataset
@@ -54,6 +56,55 @@ def test_duplicates_never_straddle_splits_and_label_conflicts_are_dropped(tmp_pa
     all_ids = [i for split in data.splits.values() for i in split.ids]
     assert "train/PNEUMONIA/conflict.png" not in all_ids and "train/NORMAL/NORMAL_3.png" not in all_ids
     assert any("different labels" in note for note in data.notes)
+
+
+def _patients(ids: list[str]) -> set[str]:
+    return {re.search(r"patient(\w\d+)_", i).group(1) for i in ids}
+
+
+def test_a_group_pattern_keeps_each_patients_images_in_one_split(tmp_path: Path) -> None:
+    """Four images per patient, the patient in the file name: with the task's group_pattern no patient is in two
+    splits (without it, some are), and a given test folder's patients are taken out of training."""
+    root = make_image_folder(tmp_path / "data", ["NORMAL", "PNEUMONIA"], per_class=60, size=24)
+    for folder in (root / "train" / "NORMAL", root / "train" / "PNEUMONIA"):
+        for i, image in enumerate(sorted(folder.iterdir())):
+            image.rename(folder / f"patient{folder.name[0]}{i // 4}_view{i % 4}.png")
+    chest = get_task("chest_xray")
+    spec = chest.with_overrides(
+        input=chest.input.model_copy(update={"height": 16, "width": 16}), group_pattern=r"patient(\w\d+)_"
+    )
+    grouped = load_dataset(spec, root, seed=0, cache_dir=tmp_path / "cache")
+    patients = [_patients(split.ids) for split in grouped.splits.values()]
+    assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+    assert grouped.sizes() == {"train": 96, "val": 12, "test": 12}  # whole patients: 24, 3 and 3 of 30
+    assert any("groups (group_pattern) kept together" in note for note in grouped.notes)
+    by_image = load_dataset(spec.with_overrides(group_pattern=None), root, seed=0, cache_dir=tmp_path / "cache")
+    assert _patients(by_image.splits["train"].ids) & _patients(by_image.splits["test"].ids)
+
+    (root / "test" / "NORMAL").mkdir(parents=True)  # a test folder of its own, holding one image of patient N0
+    Image.fromarray(np.full((24, 24), 200, np.uint8)).save(root / "test" / "NORMAL" / "patientN0_view9.png")
+    given = load_dataset(spec, root, seed=0, cache_dir=tmp_path / "cache")
+    assert given.splits["test"].ids == ["test/NORMAL/patientN0_view9.png"]
+    assert "N0" not in _patients(given.splits["train"].ids) | _patients(given.splits["val"].ids)
+    assert any("dropped 4 training images with an identical copy or an image of its group" in n for n in given.notes)
+
+
+def test_images_in_a_folder_per_patient_are_read_and_grouped_by_it(tmp_path: Path) -> None:
+    """`<class>/<patient>/<image>` as hospital exports come: every image read (hidden files not), split by patient."""
+    root = make_image_folder(tmp_path / "data", ["NORMAL", "PNEUMONIA"], per_class=40, size=24)
+    for folder in (root / "train" / "NORMAL", root / "train" / "PNEUMONIA"):
+        for i, image in enumerate(sorted(folder.iterdir())):
+            (folder / f"p{folder.name[0]}{i // 4}").mkdir(exist_ok=True)
+            image.rename(folder / f"p{folder.name[0]}{i // 4}" / f"view{i % 4}.png")
+        (folder / "._view0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # not an image: must be skipped
+    chest = get_task("chest_xray")
+    spec = chest.with_overrides(
+        input=chest.input.model_copy(update={"height": 16, "width": 16}), group_pattern="/(p\\w\\d+)/"
+    )
+    data = load_dataset(spec, root, seed=0, cache_dir=tmp_path / "cache")
+    assert sum(data.sizes().values()) == 80
+    patients = [{i.split("/")[2] for i in split.ids} for split in data.splits.values()]
+    assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
 
 
 def test_threshold_reaches_the_sensitivity_floor() -> None:

@@ -115,6 +115,8 @@ def test_a_task_file_trains_publishes_and_rebuilds_its_splits_from_the_card(tmp_
         (SHAPES.replace('classes = ["a", "b", "c"]', 'classes = ["a", "b", "a"]'), "name one class twice"),
         ('name = "shapes\\n"\n' + SHAPES, "must be lower-case"),
         ('description = "d"\nintended_input = "i"', "input: Field required"),
+        ("group_pattern = 'patient(_(\\d+)'\n" + SHAPES, "is not a regular expression"),
+        ("group_pattern = '(ward\\d+)_(bed\\d+)'\n" + SHAPES, "has 2 groups; give it one or none"),
     ],
 )
 def test_a_wrong_task_file_is_refused_saying_what_is_wrong(

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import logging
+import re
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -85,8 +86,20 @@ class Dataset:
 # --- sources: each returns {split name: [Item, ...]} for whichever splits the data has ---------------------------
 
 
+def _image_files(class_dir: Path) -> list[Path]:
+    """The images in a class folder and its subfolders (a folder per patient or study, as hospital exports come),
+    leaving out hidden files and folders (``.DS_Store``, ``._x.jpg`` resource forks)."""
+    return sorted(
+        path
+        for path in class_dir.rglob("*")
+        if path.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in path.relative_to(class_dir).parts)
+        and path.is_file()
+    )
+
+
 def read_image_folders(spec: TaskSpec, root: Path, cache_dir: Path) -> dict[str, list[Item]]:
-    """``<root>/<split>/<class>/*.<image>``, or ``<root>/<class>/*`` when there are no split folders."""
+    """``<root>/<split>/<class>/**/*.<image>``, or ``<root>/<class>/**/*`` when there are no split folders."""
     split_dirs = {
         SPLIT_ALIASES[d.name.lower()]: d
         for d in sorted(root.iterdir())
@@ -103,7 +116,7 @@ def read_image_folders(spec: TaskSpec, root: Path, cache_dir: Path) -> dict[str,
             label = class_dir.name if spec.class_map is None else spec.class_map.get(class_dir.name)
             if label is None:
                 continue
-            files += [(p, label) for p in sorted(class_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+            files += [(p, label) for p in _image_files(class_dir)]
         items[split] = [
             _file_item(path, label, root, spec) for path, label in tqdm(files, desc=f"hash {split}", leave=False)
         ]
@@ -166,8 +179,43 @@ SOURCES: dict[str, Callable[[TaskSpec, Path, Path], dict[str, list[Item]]]] = {
 # --- splitting ------------------------------------------------------------------------------------------------------
 
 
-def _drop_conflicts_and_leaks(items: dict[str, list[Item]], notes: list[str]) -> dict[str, list[Item]]:
-    """Exact duplicates never straddle splits, and copies with conflicting labels are dropped altogether."""
+class Grouping:
+    """Which images must share a split: identical copies of an image, and with the task's ``group_pattern`` the
+    images whose paths give the same match (a patient ID, say)."""
+
+    def __init__(self, pattern: str | None) -> None:
+        self.pattern = re.compile(pattern) if pattern else None
+
+    def keys(self, item: Item) -> list[str]:
+        keys = [f"sha256:{item.digest}"]
+        if self.pattern and (match := self.pattern.search(item.id)):
+            keys.append(f"group:{match.group(1) if self.pattern.groups else match.group(0)}")
+        return keys
+
+    def groups(self, items: list[Item]) -> dict[str, list[Item]]:
+        """Items linked by any shared key (union-find), each group under its root key, in the items' order."""
+        parent: dict[str, str] = {}
+
+        def root(key: str) -> str:
+            while parent.setdefault(key, key) != key:
+                parent[key] = parent[parent[key]]
+                key = parent[key]
+            return key
+
+        for item in items:
+            first, *others = self.keys(item)
+            for key in others:
+                parent[root(key)] = root(first)
+        groups: dict[str, list[Item]] = {}
+        for item in items:
+            groups.setdefault(root(self.keys(item)[0]), []).append(item)
+        return groups
+
+
+def _drop_conflicts_and_leaks(
+    items: dict[str, list[Item]], grouping: Grouping, notes: list[str]
+) -> dict[str, list[Item]]:
+    """No image (nor, with a group pattern, group) in two splits; copies with conflicting labels dropped altogether."""
     labels_by_digest: dict[str, set[str]] = {}
     for split_items in items.values():
         for item in split_items:
@@ -175,27 +223,23 @@ def _drop_conflicts_and_leaks(items: dict[str, list[Item]], notes: list[str]) ->
     conflicting = {d for d, labels in labels_by_digest.items() if len(labels) > 1}
     if conflicting:
         notes.append(f"dropped {len(conflicting)} images whose identical copies carry different labels")
-    held_out = {item.digest for split in ("val", "test") for item in items.get(split, [])}
-    cleaned = {}
-    for split, split_items in items.items():
-        keep = [i for i in split_items if i.digest not in conflicting]
-        if split == "train":
-            leaked = [i for i in keep if i.digest in held_out]
-            if leaked:
-                notes.append(f"dropped {len(leaked)} training images with an identical copy in val/test")
-            keep = [i for i in keep if i.digest not in held_out]
+    what = "an identical copy or an image of its group (group_pattern)" if grouping.pattern else "an identical copy"
+    cleaned = {split: [i for i in split_items if i.digest not in conflicting] for split, split_items in items.items()}
+    for split, held_out in (("train", ("val", "test")), ("val", ("test",))):
+        taken = {key for other in held_out for item in cleaned.get(other, []) for key in grouping.keys(item)}
+        if split not in cleaned or not taken:
+            continue
+        keep = [i for i in cleaned[split] if taken.isdisjoint(grouping.keys(i))]
+        if dropped := len(cleaned[split]) - len(keep):
+            noun = "training" if split == "train" else "validation"
+            notes.append(f"dropped {dropped} {noun} images with {what} in {'/'.join(held_out)}")
         cleaned[split] = keep
-    if "val" in cleaned and "test" in cleaned:
-        test_digests = {i.digest for i in cleaned["test"]}
-        cleaned["val"] = [i for i in cleaned["val"] if i.digest not in test_digests]
     return cleaned
 
 
-def _carve(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
-    """Split off ``fraction`` of the duplicate groups, stratified by label; copies of one image stay together."""
-    groups: dict[str, list[Item]] = {}
-    for item in items:
-        groups.setdefault(item.digest, []).append(item)
+def _carve(items: list[Item], fraction: float, seed: int, grouping: Grouping) -> tuple[list[Item], list[Item]]:
+    """Split off ``fraction`` of the groups (Grouping), stratified by label; a group's images stay together."""
+    groups = grouping.groups(items)
     keys = sorted(groups)
     labels = [groups[k][0].label for k in keys]
     stratify = labels if min(Counter(labels).values()) >= 2 else None
@@ -207,15 +251,22 @@ def _carve(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], l
 
 
 def assign_splits(items: dict[str, list[Item]], spec: TaskSpec, seed: int, notes: list[str]) -> dict[str, list[Item]]:
-    items = _drop_conflicts_and_leaks(items, notes)
+    grouping = Grouping(spec.group_pattern)
+    items = _drop_conflicts_and_leaks(items, grouping, notes)
     if "train" not in items or not items["train"]:
         raise DataError("no training images found")
     total = sum(len(v) for v in items.values())
+    by = "groups (group_pattern) kept together, " if spec.group_pattern else ""
     for split, fraction, split_seed in (("test", spec.test_fraction, seed), ("val", spec.val_fraction, seed + 1)):
         if not items.get(split):
             share = fraction * total / len(items["train"])
-            items["train"], items[split] = _carve(items["train"], share, split_seed)
-            notes.append(f"{split} split carved from train ({fraction:.0%} of all images, stratified, --seed {seed})")
+            items["train"], items[split] = _carve(items["train"], share, split_seed, grouping)
+            notes.append(
+                f"{split} split carved from train ({fraction:.0%} of all images, {by}stratified, --seed {seed})"
+            )
+    if spec.group_pattern:
+        matched = sum(len(grouping.keys(i)) > 1 for split_items in items.values() for i in split_items)
+        notes.append(f"group_pattern matched {matched} of {sum(len(v) for v in items.values())} images")
     return {split: items[split] for split in SPLITS}
 
 

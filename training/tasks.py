@@ -107,6 +107,10 @@ class TaskSpec:
     min_sensitivity: float = 0.95  # binary tasks: threshold = highest one with validation sensitivity ≥ this
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    # a regular expression searched in each image's path under the data folder (e.g. `patient_(\d+)`): images whose
+    # matches are equal (the first group's, if it has one) never straddle splits, so that no patient is in two.
+    # None: only identical copies of an image are kept together
+    group_pattern: str | None = None
     reference: str = ""  # what the reference report achieved, for the README's comparison table
     scratch_reference: str = ""  # the same for models trained without pretrained weights, where it differs
 
@@ -124,6 +128,13 @@ class TaskSpec:
                 raise ValueError(f"a positive class (and its threshold) is for two classes, not {len(classes)}")
         if self.classes and self.class_map and not set(self.class_map.values()) <= set(self.classes):
             raise ValueError(f"class_map maps folders onto classes not in {list(self.classes)}")
+        if self.group_pattern is not None:
+            try:
+                groups = re.compile(self.group_pattern).groups
+            except re.error as error:
+                raise ValueError(f"group_pattern {self.group_pattern!r} is not a regular expression: {error}") from None
+            if groups > 1:
+                raise ValueError(f"group_pattern {self.group_pattern!r} has {groups} groups; give it one or none")
 
     def with_overrides(self, **changes) -> TaskSpec:
         return replace(self, **changes)
@@ -193,6 +204,9 @@ register_task(
         recipe=Recipe(epochs=12, batch_size=64, lr=3e-4, plateau_patience=2, early_stopping_patience=5),
         augment=Augment(rotation=30, shift=0.2, shear=11.5, zoom=0.2, hflip=True),  # shear 0.2 rad
         positive_class="PNEUMONIA",
+        # the file names carry the patient (person123_bacteria_4.jpeg, IM-0115-0001.jpeg, NORMAL2-IM-0955-0001.jpeg):
+        # one patient's images share a split, else 60 % of a random split's test images have a patient in training
+        group_pattern=r"(person\d+|NORMAL2-IM-\d+|IM-\d+)",
     )
 )
 
