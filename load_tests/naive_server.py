@@ -10,7 +10,7 @@ baseline, not a server to deploy. Two ways to run it (load_tests/bench.py measur
 - tuned like the service: its worker processes and session settings (intra-op threads, no spinning, graph
   optimisation), so that what the comparison measures is batching and the framework alone.
 
-    python load_tests/naive_server.py --model-dir models/chest_xray/2 --port 8001 [--workers 1] [--threads 2]
+    python load_tests/naive_server.py --model-dir models/chest_xray/3 --port 8001 [--workers 1] [--threads 2]
 
 Routes: ``POST /{model}/predict`` and ``POST /{model}/proba`` (multipart field ``image``), ``GET /readyz``.
 """

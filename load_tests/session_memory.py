@@ -1,7 +1,7 @@
 """Resident memory and speed of one model's onnxruntime session, with onnxruntime's CPU memory arena on or off.
 
     python load_tests/session_memory.py models/emotion/4
-    python load_tests/session_memory.py models/chest_xray/2 --int8
+    python load_tests/session_memory.py models/chest_xray/3 --int8
 
 Each setting runs in its own process (resident memory is per process): load the model as serving does (one
 intra-op thread), run it once at every batch size up to --max-batch (what warm-up does), then time --repeats runs
