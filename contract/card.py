@@ -120,6 +120,8 @@ class ModelCard(BaseModel):
     task: str
     description: str = ""
     intended_input: str = ""
+    # what the model cannot be trusted with, measured: the service shows these with the card (GET /models, the page)
+    limitations: list[str] = Field(default_factory=list)
     classes: list[str] = Field(default_factory=list)
     positive_class: str | None = None
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)

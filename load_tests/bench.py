@@ -397,6 +397,7 @@ class Run:
     cpu_ms_per_image: dict[str, float] = field(default_factory=dict)
     generator_cpu_share: float = 0.0  # of the whole machine
     server_cpu_cores: float = 0.0
+    server_cpu_seconds: float = 0.0  # of the server's processes during the run
     raw: dict = field(default_factory=dict)
 
 
@@ -448,6 +449,7 @@ class Generator:
             images_per_request=self.images_per_request,
             generator_cpu_share=generator_cpu / wall / available_cores(),
             server_cpu_cores=server_cpu / wall,
+            server_cpu_seconds=server_cpu,
             raw=raw,
         )
         if ok:

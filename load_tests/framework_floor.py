@@ -89,9 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for server in servers:
                 if args.warmup > 0:
                     generator.run(server, "/noop", args.connections, args.warmup)
-                before = server.cpu_seconds()
                 run = generator.run(server, "/noop", args.connections, args.seconds)
-                cpu_ms = (server.cpu_seconds() - before) / max(run.ok, 1) * 1000
+                cpu_ms = run.server_cpu_seconds / max(run.ok, 1) * 1000
                 row = {"requests_per_s": run.images_per_s, "cpu_ms_per_request": cpu_ms, "p50_ms": run.p50_ms}
                 results[server.name].append(row | {"errors": run.errors})
                 print(

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from tests.synthetic import make_image_folder
-from training.data import load_dataset
+from training import similar_groups
+from training.data import DataError, load_dataset
 from training.evaluate import choose_threshold, classification_metrics
 from training.tasks import get_task
 
@@ -89,22 +90,70 @@ def test_a_group_pattern_keeps_each_patients_images_in_one_split(tmp_path: Path)
     assert any("dropped 4 training images with an identical copy or an image of its group" in n for n in given.notes)
 
 
-def test_images_in_a_folder_per_patient_are_read_and_grouped_by_it(tmp_path: Path) -> None:
-    """`<class>/<patient>/<image>` as hospital exports come: every image read (hidden files not), split by patient."""
+def test_images_in_a_folder_per_patient_are_read_and_grouped_by_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`<class>/<patient>/<image>` as hospital exports come: every image read, hidden files and folders not, the
+    subfolders named in the log, and the split by patient."""
     root = make_image_folder(tmp_path / "data", ["NORMAL", "PNEUMONIA"], per_class=40, size=24)
     for folder in (root / "train" / "NORMAL", root / "train" / "PNEUMONIA"):
         for i, image in enumerate(sorted(folder.iterdir())):
             (folder / f"p{folder.name[0]}{i // 4}").mkdir(exist_ok=True)
             image.rename(folder / f"p{folder.name[0]}{i // 4}" / f"view{i % 4}.png")
         (folder / "._view0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # not an image: must be skipped
+        (folder / ".ipynb_checkpoints").mkdir()  # nor a hidden folder's copies
+        shutil.copy(folder / f"p{folder.name[0]}0" / "view0.png", folder / ".ipynb_checkpoints" / "view0.png")
+    (root / "train" / ".thumbs").mkdir()  # a hidden folder beside the class folders is not a class
+    shutil.copy(root / "train" / "NORMAL" / "pN0" / "view1.png", root / "train" / ".thumbs" / "t.png")
     chest = get_task("chest_xray")
     spec = chest.with_overrides(
         input=chest.input.model_copy(update={"height": 16, "width": 16}), group_pattern="/(p\\w\\d+)/"
     )
-    data = load_dataset(spec, root, seed=0, cache_dir=tmp_path / "cache")
-    assert sum(data.sizes().values()) == 80
+    with caplog.at_level("INFO", logger="training.data"):
+        data = load_dataset(spec, root, seed=0, cache_dir=tmp_path / "cache")
+    assert sum(data.sizes().values()) == 80 and data.classes == ["NORMAL", "PNEUMONIA"]
+    assert "group_pattern matched 80 of 80 images" in data.notes
+    assert "80 images read from 20 subfolders of the class folders" in caplog.text
     patients = [{i.split("/")[2] for i in split.ids} for split in data.splits.values()]
     assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+
+
+def test_a_group_pattern_that_leaves_too_few_groups_is_a_data_error(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "data", ["NORMAL", "PNEUMONIA"], per_class=10, size=24)
+    chest = get_task("chest_xray")
+    spec = chest.with_overrides(  # the class folder's name: two groups, for three splits
+        input=chest.input.model_copy(update={"height": 16, "width": 16}), group_pattern="/(NORMAL|PNEUMONIA)/"
+    )
+    with pytest.raises(DataError, match=r"cannot carve a held-out split out of 1 groups \(group_pattern\)"):
+        load_dataset(spec, root, seed=0, cache_dir=tmp_path / "cache")
+
+
+def test_similar_groups_links_near_copies_under_one_group_name(tmp_path: Path) -> None:
+    """`training.similar_groups`: three distinct images per class, each in four noisy copies (as neighbouring slices
+    of a scan are), make three groups per class, and a group_pattern over the links splits by them."""
+    rng = np.random.default_rng(0)
+    for name in ("NORMAL", "PNEUMONIA"):
+        folder = tmp_path / "data" / "train" / name
+        folder.mkdir(parents=True)
+        for scan in range(3):
+            base = rng.uniform(0, 255, (32, 32))
+            for copy in range(4):
+                noisy = np.clip(base + rng.normal(0, 4, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(noisy).save(folder / f"{name.lower()}{scan * 10 + copy}.png")
+    assert similar_groups.main([str(tmp_path / "data"), str(tmp_path / "links")]) == 0
+    links = sorted(p.name for p in (tmp_path / "links" / "train" / "NORMAL").iterdir())
+    assert {link.split("_")[0] for link in links} == {"g0000", "g0001", "g0002"}
+    groups = {link.split("_")[1].removesuffix(".png"): link.split("_")[0] for link in links}
+    for scan in range(3):  # a scan's four copies share one group name
+        assert len({groups[f"normal{scan * 10 + copy}"] for copy in range(4)}) == 1
+    chest = get_task("chest_xray")
+    spec = chest.with_overrides(
+        input=chest.input.model_copy(update={"height": 16, "width": 16}), group_pattern=r"(\w+/g\d+)_"
+    )
+    data = load_dataset(spec, tmp_path / "links", seed=0, cache_dir=tmp_path / "cache")
+    homes = [{i.split("_")[0] for i in split.ids} for split in data.splits.values()]
+    assert not (homes[0] & homes[1] or homes[0] & homes[2] or homes[1] & homes[2])
+    assert similar_groups.main([str(tmp_path / "data"), str(tmp_path / "links")]) == 2  # never over earlier links
 
 
 def test_threshold_reaches_the_sensitivity_floor() -> None:

@@ -65,6 +65,10 @@ def test_the_example_task_files_declare_what_they_say() -> None:
     assert lesions.augment.vflip and lesions.augment.rotation == 180 and lesions.recipe.batch_size == 32
     assert lesions.source == "image_folders" and "<class>" in lesions.data_hint
 
+    by_scan = load_task_file(EXAMPLES / "alzheimer_by_scan.toml")
+    assert by_scan.class_map == alzheimer.class_map and by_scan.group_pattern == r"(\w+/g\d+)_"
+    assert alzheimer.limitations and by_scan.limitations == (), "the base model's measured limitation is not yours"
+
 
 def test_a_base_keeps_its_class_set_unless_the_file_declares_one(tmp_path: Path) -> None:
     head = 'base = "alzheimer"\ndescription = "d"\nintended_input = "i"\n'
@@ -84,13 +88,14 @@ def test_a_base_keeps_its_class_set_unless_the_file_declares_one(tmp_path: Path)
 
 def test_a_task_file_trains_publishes_and_rebuilds_its_splits_from_the_card(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data", ["a", "b", "c"], per_class=16, size=40)
-    task_file = write(tmp_path, SHAPES)
+    task_file = write(tmp_path, 'limitations = ["generated patterns only"]\n' + SHAPES)
     assert train(str(task_file), data, tmp_path) == 0
 
     folder = tmp_path / "models" / "shapes" / "1"
     card = ModelCard.load(folder)
     assert card.task == "shapes" and card.classes == ["a", "b", "c"] and card.positive_class is None
     assert card.description == "Three kinds of generated pattern" and card.input.height == 32
+    assert card.limitations == ["generated patterns only"]  # and GET /models shows them with the card
     assert card.architecture.startswith("compact_cnn") and card.training["task_spec"]["arch_options"] == {"width": 8}
     # training.quantize and training.halve rebuild the splits from the card alone: "shapes" is registered nowhere
     task_file.unlink()
@@ -117,6 +122,7 @@ def test_a_task_file_trains_publishes_and_rebuilds_its_splits_from_the_card(tmp_
         ('description = "d"\nintended_input = "i"', "input: Field required"),
         ("group_pattern = 'patient(_(\\d+)'\n" + SHAPES, "is not a regular expression"),
         ("group_pattern = '(ward\\d+)_(bed\\d+)'\n" + SHAPES, "has 2 groups; give it one or none"),
+        ("group_pattern = '(P\\d+)?'\n" + SHAPES, "matches an empty path: it would group every image"),
     ],
 )
 def test_a_wrong_task_file_is_refused_saying_what_is_wrong(

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from collections import Counter
@@ -88,14 +89,30 @@ class Dataset:
 
 def _image_files(class_dir: Path) -> list[Path]:
     """The images in a class folder and its subfolders (a folder per patient or study, as hospital exports come),
-    leaving out hidden files and folders (``.DS_Store``, ``._x.jpg`` resource forks)."""
-    return sorted(
-        path
-        for path in class_dir.rglob("*")
-        if path.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in path.relative_to(class_dir).parts)
-        and path.is_file()
+    leaving out hidden files and folders (``.DS_Store``, ``._x.jpg`` resource forks, ``.ipynb_checkpoints``).
+    Symbolic links to folders are not followed (logged)."""
+    files = []
+    for folder, subfolders, names in os.walk(class_dir):
+        for name in [n for n in subfolders if not n.startswith(".") and os.path.islink(os.path.join(folder, n))]:
+            log.warning("not following the link to a folder %s", os.path.join(folder, name))
+        subfolders[:] = sorted(n for n in subfolders if not n.startswith("."))
+        files += [Path(folder, n) for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(files)
+
+
+def _log_subfolders(files: list[tuple[Path, str]], split_dir: Path) -> None:
+    """Images below a class folder's subfolders are read too: say from which, so that masks or thumbnails kept
+    beside the images (``<class>/images``, ``<class>/masks``) are not trained on unnoticed."""
+    nested = Counter(
+        path.relative_to(split_dir).parts[1] for path, _ in files if len(path.relative_to(split_dir).parts) > 2
     )
+    if nested:
+        named = ", ".join(f"{name} ({count})" for name, count in nested.most_common(5))
+        more = f" and {len(nested) - 5} more" if len(nested) > 5 else ""
+        log.info(
+            "%s: %d images read from %d subfolders of the class folders: %s%s; all of them are taken as training data",
+            split_dir.name, sum(nested.values()), len(nested), named, more,
+        )  # fmt: skip
 
 
 def read_image_folders(spec: TaskSpec, root: Path, cache_dir: Path) -> dict[str, list[Item]]:
@@ -111,12 +128,13 @@ def read_image_folders(spec: TaskSpec, root: Path, cache_dir: Path) -> dict[str,
     folders: set[str] = set()
     for split, folder in split_dirs.items():
         files = []
-        for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
+        for class_dir in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
             folders.add(class_dir.name)
             label = class_dir.name if spec.class_map is None else spec.class_map.get(class_dir.name)
             if label is None:
                 continue
             files += [(p, label) for p in _image_files(class_dir)]
+        _log_subfolders(files, folder)
         items[split] = [
             _file_item(path, label, root, spec) for path, label in tqdm(files, desc=f"hash {split}", leave=False)
         ]
@@ -133,7 +151,7 @@ def read_image_folders(spec: TaskSpec, root: Path, cache_dir: Path) -> dict[str,
 def _file_item(path: Path, label: str, root: Path, spec: TaskSpec) -> Item:
     """The file hashed now and decoded later, read again then: a large dataset's bytes are not all held at once."""
     return Item(
-        id=str(path.relative_to(root)),
+        id=path.relative_to(root).as_posix(),  # "/" on every system, as group patterns and cards expect
         label=label,
         digest=hashlib.sha256(path.read_bytes()).hexdigest(),
         pixels=lambda: load_pixels(path.read_bytes(), spec.input, dicom=path.suffix.lower() == ".dcm"),
@@ -186,11 +204,14 @@ class Grouping:
     def __init__(self, pattern: str | None) -> None:
         self.pattern = re.compile(pattern) if pattern else None
 
+    def group_key(self, item: Item) -> str | None:
+        """The pattern's match in the item's path (its group's, if it has one); None without a (non-empty) match."""
+        match = self.pattern.search(item.id) if self.pattern else None
+        return (match.group(1) if self.pattern.groups else match.group(0)) or None if match else None
+
     def keys(self, item: Item) -> list[str]:
-        keys = [f"sha256:{item.digest}"]
-        if self.pattern and (match := self.pattern.search(item.id)):
-            keys.append(f"group:{match.group(1) if self.pattern.groups else match.group(0)}")
-        return keys
+        group = self.group_key(item)
+        return [f"sha256:{item.digest}"] + ([f"group:{group}"] if group else [])
 
     def groups(self, items: list[Item]) -> dict[str, list[Item]]:
         """Items linked by any shared key (union-find), each group under its root key, in the items' order."""
@@ -225,11 +246,13 @@ def _drop_conflicts_and_leaks(
         notes.append(f"dropped {len(conflicting)} images whose identical copies carry different labels")
     what = "an identical copy or an image of its group (group_pattern)" if grouping.pattern else "an identical copy"
     cleaned = {split: [i for i in split_items if i.digest not in conflicting] for split, split_items in items.items()}
+    everything = [item for split_items in cleaned.values() for item in split_items]
+    group_of = {id(item): key for key, members in grouping.groups(everything).items() for item in members}
     for split, held_out in (("train", ("val", "test")), ("val", ("test",))):
-        taken = {key for other in held_out for item in cleaned.get(other, []) for key in grouping.keys(item)}
+        taken = {group_of[id(item)] for other in held_out for item in cleaned.get(other, [])}
         if split not in cleaned or not taken:
             continue
-        keep = [i for i in cleaned[split] if taken.isdisjoint(grouping.keys(i))]
+        keep = [i for i in cleaned[split] if group_of[id(i)] not in taken]
         if dropped := len(cleaned[split]) - len(keep):
             noun = "training" if split == "train" else "validation"
             notes.append(f"dropped {dropped} {noun} images with {what} in {'/'.join(held_out)}")
@@ -246,7 +269,11 @@ def _carve(items: list[Item], fraction: float, seed: int, grouping: Grouping) ->
     try:
         rest, taken = train_test_split(keys, test_size=fraction, random_state=seed, stratify=stratify)
     except ValueError:  # too few samples per class for stratification: fall back to a plain random split
-        rest, taken = train_test_split(keys, test_size=fraction, random_state=seed)
+        try:
+            rest, taken = train_test_split(keys, test_size=fraction, random_state=seed)
+        except ValueError as error:
+            kind = "groups (group_pattern)" if grouping.pattern else "distinct images"
+            raise DataError(f"cannot carve a held-out split out of {len(keys)} {kind}: {error}") from None
     return [i for k in sorted(rest) for i in groups[k]], [i for k in sorted(taken) for i in groups[k]]
 
 
@@ -265,7 +292,7 @@ def assign_splits(items: dict[str, list[Item]], spec: TaskSpec, seed: int, notes
                 f"{split} split carved from train ({fraction:.0%} of all images, {by}stratified, --seed {seed})"
             )
     if spec.group_pattern:
-        matched = sum(len(grouping.keys(i)) > 1 for split_items in items.values() for i in split_items)
+        matched = sum(grouping.group_key(i) is not None for split_items in items.values() for i in split_items)
         notes.append(f"group_pattern matched {matched} of {sum(len(v) for v in items.values())} images")
     return {split: items[split] for split in SPLITS}
 

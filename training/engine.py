@@ -357,16 +357,16 @@ def adopt_checkpoint(
     model.to(device)
     target = run_dir / f"{prefix}{checkpoint.name}"
     shutil.copyfile(checkpoint, target)
-    seconds = 0.0
+    seconds, epochs_run = 0.0, state["epoch"]
     source_history = history_file(checkpoint)
-    if source_history.exists():
+    if source_history.exists():  # the run's epochs and time, past its best epoch too
         shutil.copyfile(source_history, history_file(target))
         with open(source_history) as handle:
             rows = list(csv.DictReader(handle))
-        seconds = sum(float(r["seconds"]) for r in rows)
+        seconds, epochs_run = sum(float(r["seconds"]) for r in rows), len(rows)
     if prefix and checkpoint.with_name("config.json").exists():  # an ensemble member's own recipe, for the record
         shutil.copyfile(checkpoint.with_name("config.json"), run_dir / f"{prefix}config.json")
-    return FitResult(state["epoch"], state["val_loss"], state["epoch"], seconds, 0.0, target, state.get("device"))
+    return FitResult(state["epoch"], state["val_loss"], epochs_run, seconds, 0.0, target, state.get("device"))
 
 
 @torch.no_grad()

@@ -373,6 +373,7 @@ def _card_fields(
         task=spec.name,
         description=spec.description,
         intended_input=spec.intended_input,
+        limitations=list(spec.limitations),
         classes=classes,
         positive_class=spec.positive_class if threshold is not None else None,
         threshold=threshold,

@@ -29,7 +29,8 @@ FOLDER_LAYOUT = (
     "folders optional (carved from train when missing), or <root>/<class>/*"
 )
 NESTED = ("input", "recipe", "augment", "arch_options")  # tables merged setting by setting onto the base's
-NOT_INHERITED = ("reference", "scratch_reference")  # about the base task's reference report, not yours
+# about the base task's reference report and the base model's measured limitations, not yours
+NOT_INHERITED = ("reference", "scratch_reference", "limitations")
 # a file that declares a class set (class_map or classes) gets none of these from its base: a new class set has its
 # own positive class and sensitivity floor, if any
 CLASS_SET = ("class_map", "classes")
