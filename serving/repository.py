@@ -307,6 +307,7 @@ class ModelEntry:
                         "task",
                         "description",
                         "intended_input",
+                        "limitations",
                         "classes",
                         "positive_class",
                         "threshold",

@@ -95,13 +95,14 @@ def test_a_task_file_trains_publishes_and_rebuilds_its_splits_from_the_card(tmp_
     card = ModelCard.load(folder)
     assert card.task == "shapes" and card.classes == ["a", "b", "c"] and card.positive_class is None
     assert card.description == "Three kinds of generated pattern" and card.input.height == 32
-    assert card.limitations == ["generated patterns only"]  # and GET /models shows them with the card
+    assert card.limitations == ["generated patterns only"]
     assert card.architecture.startswith("compact_cnn") and card.training["task_spec"]["arch_options"] == {"width": 8}
     # training.quantize and training.halve rebuild the splits from the card alone: "shapes" is registered nowhere
     task_file.unlink()
     assert card_dataset(card, data, tmp_path / "cache").fingerprint == card.dataset["fingerprint"]
     entry = ModelRepository.load(Settings(models_dir=tmp_path / "models")).get("shapes")
     assert entry is not None and entry.ready
+    assert entry.describe()["card"]["limitations"] == ["generated patterns only"]  # GET /models and the page
 
 
 @pytest.mark.parametrize(
