@@ -374,6 +374,20 @@ def test_compare_writes_one_table(tmp_path: Path) -> None:
     assert rows.count("depth=") == 2
 
 
+def test_occlusion_scores_the_cards_test_split_with_parts_blacked_out(trained: Trained) -> None:
+    """`python -m training.occlusion`: the whole images score the card's test figures; the variants are as named."""
+    from training.occlusion import occluded, occlusion_report
+
+    pixels = np.full((1, 1, 10, 10), 7, np.uint8)
+    assert occluded(pixels, 0.6, keep_centre=False)[0, 0].sum() == 7 * (100 - 36)  # a frame of 2 pixels left
+    assert occluded(pixels, 0.6, keep_centre=True)[0, 0, 2:8, 2:8].all() and occluded(pixels, 0.6, True).sum() == 7 * 36
+    folder = trained.models / "alzheimer" / "1"
+    rows = occlusion_report(folder, trained.data["alzheimer"], trained.cache, [0.5])
+    assert [row["images"] for row in rows] == ["whole image", "centre 50% blacked out", "only the centre 50% kept"]
+    test = ModelCard.load(folder).metrics["test"]
+    assert rows[0]["accuracy"] == test["accuracy"] and rows[0]["roc_auc"] == pytest.approx(test["roc_auc"])
+
+
 def test_split_folder_holds_the_cards_test_split_by_class(trained: Trained, tmp_path: Path) -> None:
     """`python -m training.split_folder`: the images the card's test metrics were measured on, a folder per class."""
     from training import split_folder

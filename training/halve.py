@@ -29,8 +29,13 @@ from contract.cli import HelpFormatter
 from training.data import DataError
 from training.evaluate import held_out_metrics, plot_test_results
 from training.export import next_version, store_weights_in_half
-from training.published import add_published_model_arguments, card_dataset, published_model_folder
-from training.quantize import probabilities, session
+from training.published import (
+    add_published_model_arguments,
+    card_dataset,
+    probabilities,
+    published_model_folder,
+    session,
+)
 
 log = logging.getLogger("training.halve")
 

@@ -1,12 +1,17 @@
 """A published model on the command line: the arguments naming it, the folder they point to, and the dataset splits
-its card was measured on (training.quantize, training.halve, training.split_folder)."""
+its card was measured on, and its ONNX file run as serving runs it (training.quantize, training.halve,
+training.split_folder, training.occlusion)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
+
 from contract.card import CARD_FILE, ModelCard, version_folders
+from contract.preprocessing import normalize
 from training.data import DataError, Dataset, load_dataset
 from training.tasks import recorded_task
 
@@ -47,3 +52,23 @@ def card_dataset(card: ModelCard, data_root: Path, cache_dir: Path, seed: int | 
             "pass the same --data (and the --seed of training)"
         )
     return data
+
+
+def session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    """A CPU session with the serving settings: no spinning, full graph optimisation."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def probabilities(sess: ort.InferenceSession, pixels: np.ndarray, spec, batch_size: int = 64) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    return np.concatenate(
+        [
+            sess.run(["probabilities"], {name: normalize(pixels[start : start + batch_size], spec)})[0]
+            for start in range(0, len(pixels), batch_size)
+        ]
+    )

@@ -32,7 +32,13 @@ from contract.cli import HelpFormatter
 from contract.decision import predicted_classes
 from contract.preprocessing import normalize
 from training.data import DataError
-from training.published import add_published_model_arguments, card_dataset, published_model_folder
+from training.published import (
+    add_published_model_arguments,
+    card_dataset,
+    probabilities,
+    published_model_folder,
+    session,
+)
 
 log = logging.getLogger("training.quantize")
 METHODS = {
@@ -76,26 +82,6 @@ def _explanation_only_nodes(graph: onnx.GraphProto, output: str) -> list[str]:
 
     others = set().union(*(ancestors(o.name) for o in graph.output if o.name != output))
     return sorted(ancestors(output) - others)
-
-
-def session(path: Path, threads: int = 0) -> ort.InferenceSession:
-    """A CPU session with the serving settings: no spinning, full graph optimisation."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def probabilities(sess: ort.InferenceSession, pixels: np.ndarray, spec, batch_size: int = 64) -> np.ndarray:
-    name = sess.get_inputs()[0].name
-    return np.concatenate(
-        [
-            sess.run(["probabilities"], {name: normalize(pixels[start : start + batch_size], spec)})[0]
-            for start in range(0, len(pixels), batch_size)
-        ]
-    )
 
 
 def seconds_per_image(sess: ort.InferenceSession, pixels: np.ndarray, spec, batch_size: int, budget: float) -> float:
