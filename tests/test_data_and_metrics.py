@@ -130,30 +130,38 @@ def test_a_group_pattern_that_leaves_too_few_groups_is_a_data_error(tmp_path: Pa
 
 def test_similar_groups_links_near_copies_under_one_group_name(tmp_path: Path) -> None:
     """`training.similar_groups`: three distinct images per class, each in four noisy copies (as neighbouring slices
-    of a scan are), make three groups per class, and a group_pattern over the links splits by them."""
+    of a scan are), one copy of each in a given test folder: three groups per class across both folders, and a
+    group_pattern over the links keeps every group out of training that the test folder holds."""
     rng = np.random.default_rng(0)
-    for name in ("NORMAL", "PNEUMONIA"):
-        folder = tmp_path / "data" / "train" / name
-        folder.mkdir(parents=True)
+    for name in ("Very-Mild", "Mild"):  # "Mild" ends "Very-Mild": the group key must hold the whole class name
         for scan in range(3):
             base = rng.uniform(0, 255, (32, 32))
             for copy in range(4):
+                folder = tmp_path / "data" / ("test" if copy == 3 and scan == 0 else "train") / name
+                folder.mkdir(parents=True, exist_ok=True)
                 noisy = np.clip(base + rng.normal(0, 4, base.shape), 0, 255).astype(np.uint8)
-                Image.fromarray(noisy).save(folder / f"{name.lower()}{scan * 10 + copy}.png")
+                Image.fromarray(noisy).save(folder / f"s{scan}c{copy}.png")
     assert similar_groups.main([str(tmp_path / "data"), str(tmp_path / "links")]) == 0
-    links = sorted(p.name for p in (tmp_path / "links" / "train" / "NORMAL").iterdir())
-    assert {link.split("_")[0] for link in links} == {"g0000", "g0001", "g0002"}
-    groups = {link.split("_")[1].removesuffix(".png"): link.split("_")[0] for link in links}
-    for scan in range(3):  # a scan's four copies share one group name
-        assert len({groups[f"normal{scan * 10 + copy}"] for copy in range(4)}) == 1
+    links = [p.name for p in (tmp_path / "links").rglob("*.png")]
+    assert len(links) == 24 and {link.split("_")[0] for link in links} == {"g0000", "g0001", "g0002"}
+    group_of = {p.name.split("_", 1)[1]: p.name.split("_")[0] for p in (tmp_path / "links").rglob("Mild/*.png")}
+    assert group_of["s0c3.png"] == group_of["s0c0.png"], "a scan's copy in the test folder joins its group"
     chest = get_task("chest_xray")
     spec = chest.with_overrides(
-        input=chest.input.model_copy(update={"height": 16, "width": 16}), group_pattern=r"(\w+/g\d+)_"
+        input=chest.input.model_copy(update={"height": 16, "width": 16}),
+        class_map={"Very-Mild": "NORMAL", "Mild": "PNEUMONIA"},
+        classes=("NORMAL", "PNEUMONIA"),
+        group_pattern=r"([^/]+/g\d+)_",
     )
     data = load_dataset(spec, tmp_path / "links", seed=0, cache_dir=tmp_path / "cache")
-    homes = [{i.split("_")[0] for i in split.ids} for split in data.splits.values()]
-    assert not (homes[0] & homes[1] or homes[0] & homes[2] or homes[1] & homes[2])
+    assert sorted(data.splits["test"].ids) == [
+        f"test/{name}/{group_of['s0c3.png']}_s0c3.png" for name in ("Mild", "Very-Mild")
+    ]
+    held_out = {i.split("/", 1)[1].split("_")[0] for i in data.splits["test"].ids}
+    assert not held_out & {i.split("/", 1)[1].split("_")[0] for i in data.splits["train"].ids + data.splits["val"].ids}
+    assert any("dropped 6 training images" in note for note in data.notes)
     assert similar_groups.main([str(tmp_path / "data"), str(tmp_path / "links")]) == 2  # never over earlier links
+    assert similar_groups.main([str(tmp_path / "data"), str(tmp_path / "data" / "links")]) == 2  # nor inside
 
 
 def test_threshold_reaches_the_sensitivity_floor() -> None:

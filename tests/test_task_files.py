@@ -66,7 +66,7 @@ def test_the_example_task_files_declare_what_they_say() -> None:
     assert lesions.source == "image_folders" and "<class>" in lesions.data_hint
 
     by_scan = load_task_file(EXAMPLES / "alzheimer_by_scan.toml")
-    assert by_scan.class_map == alzheimer.class_map and by_scan.group_pattern == r"(\w+/g\d+)_"
+    assert by_scan.class_map == alzheimer.class_map and by_scan.group_pattern == r"([^/]+/g\d+)_"
     assert alzheimer.limitations and by_scan.limitations == (), "the base model's measured limitation is not yours"
 
 

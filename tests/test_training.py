@@ -244,6 +244,21 @@ def test_a_negative_time_limit_is_refused_before_any_data_is_read(caplog: pytest
     assert "time limit" in caplog.text
 
 
+def test_an_adopted_checkpoint_counts_every_epoch_of_its_history(tmp_path: Path) -> None:
+    """Best at epoch 2 of a run of 4: the card records 4 epochs run and their time, not the best epoch's."""
+    from training.engine import adopt_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    source = tmp_path / "run" / "best.pt"
+    source.parent.mkdir()
+    torch.save({"state_dict": model.state_dict(), "epoch": 2, "val_loss": 0.5}, source)
+    rows = "".join(f"{e},0.001,0.9,0.5,0.8,0.6,{e * 10}\n" for e in range(1, 5))
+    (tmp_path / "run" / "history.csv").write_text("epoch,lr,train_loss,train_acc,val_loss,val_acc,seconds\n" + rows)
+    (tmp_path / "new").mkdir()
+    result = adopt_checkpoint(model, source, tmp_path / "new", torch.device("cpu"))
+    assert (result.best_epoch, result.epochs_run, result.seconds) == (2, 4, 100.0)
+
+
 def test_a_checkpoint_adopted_without_its_history_exports(tmp_path: Path) -> None:
     """`--checkpoint elsewhere/model.pt --epochs 0`: no history.csv beside it, so no curves and no train accuracy."""
     import shutil

@@ -87,16 +87,18 @@ class Dataset:
 # --- sources: each returns {split name: [Item, ...]} for whichever splits the data has ---------------------------
 
 
-def _image_files(class_dir: Path) -> list[Path]:
+def image_files(class_dir: Path) -> list[Path]:
     """The images in a class folder and its subfolders (a folder per patient or study, as hospital exports come),
     leaving out hidden files and folders (``.DS_Store``, ``._x.jpg`` resource forks, ``.ipynb_checkpoints``).
-    Symbolic links to folders are not followed (logged)."""
+    Symbolic links to folders are not followed (logged); a link to a file that is gone is a DataError."""
     files = []
     for folder, subfolders, names in os.walk(class_dir):
         for name in [n for n in subfolders if not n.startswith(".") and os.path.islink(os.path.join(folder, n))]:
             log.warning("not following the link to a folder %s", os.path.join(folder, name))
         subfolders[:] = sorted(n for n in subfolders if not n.startswith("."))
         files += [Path(folder, n) for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    if broken := [str(path) for path in files if not path.exists()]:
+        raise DataError(f"{len(broken)} links in {class_dir} point to no file: {', '.join(broken[:10])}")
     return sorted(files)
 
 
@@ -104,14 +106,16 @@ def _log_subfolders(files: list[tuple[Path, str]], split_dir: Path) -> None:
     """Images below a class folder's subfolders are read too: say from which, so that masks or thumbnails kept
     beside the images (``<class>/images``, ``<class>/masks``) are not trained on unnoticed."""
     nested = Counter(
-        path.relative_to(split_dir).parts[1] for path, _ in files if len(path.relative_to(split_dir).parts) > 2
+        "/".join(path.relative_to(split_dir).parts[:2])
+        for path, _ in files
+        if len(path.relative_to(split_dir).parts) > 2
     )
     if nested:
         named = ", ".join(f"{name} ({count})" for name, count in nested.most_common(5))
         more = f" and {len(nested) - 5} more" if len(nested) > 5 else ""
         log.info(
-            "%s: %d images read from %d subfolders of the class folders: %s%s; all of them are taken as training data",
-            split_dir.name, sum(nested.values()), len(nested), named, more,
+            "%s: %d images read from %d subfolders of the class folders, each as an image of its class: %s%s",
+            split_dir, sum(nested.values()), len(nested), named, more,
         )  # fmt: skip
 
 
@@ -133,7 +137,7 @@ def read_image_folders(spec: TaskSpec, root: Path, cache_dir: Path) -> dict[str,
             label = class_dir.name if spec.class_map is None else spec.class_map.get(class_dir.name)
             if label is None:
                 continue
-            files += [(p, label) for p in _image_files(class_dir)]
+            files += [(p, label) for p in image_files(class_dir)]
         _log_subfolders(files, folder)
         items[split] = [
             _file_item(path, label, root, spec) for path, label in tqdm(files, desc=f"hash {split}", leave=False)
@@ -207,7 +211,9 @@ class Grouping:
     def group_key(self, item: Item) -> str | None:
         """The pattern's match in the item's path (its group's, if it has one); None without a (non-empty) match."""
         match = self.pattern.search(item.id) if self.pattern else None
-        return (match.group(1) if self.pattern.groups else match.group(0)) or None if match else None
+        if match is None:
+            return None
+        return match.group(1 if self.pattern.groups else 0) or None
 
     def keys(self, item: Item) -> list[str]:
         group = self.group_key(item)
