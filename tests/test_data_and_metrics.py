@@ -118,6 +118,13 @@ def test_images_in_a_folder_per_patient_are_read_and_grouped_by_it(
     assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
 
 
+def test_a_link_to_a_file_that_is_gone_is_a_data_error(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "data", ["NORMAL", "PNEUMONIA"], per_class=10, size=24)
+    (root / "train" / "NORMAL" / "moved.png").symlink_to(tmp_path / "elsewhere" / "moved.png")
+    with pytest.raises(DataError, match="1 links in .*NORMAL point to no file: .*moved.png"):
+        load_dataset(get_task("chest_xray"), root, seed=0, cache_dir=tmp_path / "cache")
+
+
 def test_a_group_pattern_that_leaves_too_few_groups_is_a_data_error(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "data", ["NORMAL", "PNEUMONIA"], per_class=10, size=24)
     chest = get_task("chest_xray")
