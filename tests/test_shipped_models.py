@@ -33,3 +33,11 @@ def test_every_shipped_model_loads_verified_and_has_held_out_metrics() -> None:
         assert card.metrics["test"]["n"] > 0, name
         if card.kind == "classifier":
             assert 0.5 < card.metrics["test"]["accuracy"] <= 1.0 and card.explanation is not None, name
+
+
+def test_the_summary_row_names_what_the_card_says_beyond_its_metrics() -> None:
+    """`python -m training.summary` (the README's table): the int8 model served, and measured limitations."""
+    from training.summary import row
+
+    assert "threshold 0.636; int8 served: 0.972" in row(ModelCard.load(MODELS / "chest_xray" / "3"))
+    assert "1 measured limitation(s) in its card" in row(ModelCard.load(MODELS / "covid" / "2"))

@@ -44,6 +44,10 @@ def row(card: ModelCard) -> str:
             notes.append("mean of image and mirror image")
         if card.training.get("half_weights"):
             notes.append("float16 weights")
+        if card.quantized is not None and card.quantized.served:
+            notes.append(f"int8 served: {card.quantized.test_accuracy:.3f}")
+        if card.limitations:
+            notes.append(f"{len(card.limitations)} measured limitation(s) in its card")
         quality = "; ".join(notes)
     try:
         task = recorded_task(card)
