@@ -5,9 +5,9 @@
 Serves load_tests/noop_app.py's route (read the multipart upload, answer a prediction-sized JSON, nothing else) in
 one process each: ``bare`` (uvicorn with httptools and uvloop, Starlette, no access log: a hand-written server),
 ``bentoml`` (mounted in a BentoML service with the service's own options, ``Settings.bentoml_options``) and
-``bentoml_quiet`` (the same with ``IMAGEAI_ACCESS_LOG=false``). wrk, pinned to one
-core as in load_tests/bench.py, posts real image bodies at each server in turn, round after round; the server's CPU
-time (all its processes) per request is the figure.
+``bentoml_quiet`` (the same with ``IMAGEAI_ACCESS_LOG=false``). wrk, pinned to one core as in load_tests/bench.py,
+posts real image bodies at each server in turn, round after round; the server's CPU time (all its processes) per
+request is the figure.
 
 Why: bench.py prints the service's CPU per image by thread (event loop, decoding, inference) and the limit's. At
 0.8 × the limit's throughput a request may cost 1.25 × the limit's CPU per image; what decoding and inference leave

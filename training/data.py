@@ -119,20 +119,28 @@ def _log_subfolders(files: list[tuple[Path, str]], split_dir: Path) -> None:
         )  # fmt: skip
 
 
-def read_image_folders(spec: TaskSpec, root: Path, cache_dir: Path) -> dict[str, list[Item]]:
-    """``<root>/<split>/<class>/**/*.<image>``, or ``<root>/<class>/**/*`` when there are no split folders."""
-    split_dirs = {
+def split_folders(root: Path) -> dict[str, Path]:
+    """Split name → its folder under `root`; ``{"train": root}`` when `root` has no split folders."""
+    found = {
         SPLIT_ALIASES[d.name.lower()]: d
         for d in sorted(root.iterdir())
         if d.is_dir() and d.name.lower() in SPLIT_ALIASES
     }
-    if not split_dirs:
-        split_dirs = {"train": root}
+    return found or {"train": root}
+
+
+def class_folders(split_dir: Path) -> list[Path]:
+    """The class folders of a split folder (hidden ones, such as ``.ipynb_checkpoints``, are not classes)."""
+    return sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def read_image_folders(spec: TaskSpec, root: Path, cache_dir: Path) -> dict[str, list[Item]]:
+    """``<root>/<split>/<class>/**/*.<image>``, or ``<root>/<class>/**/*`` when there are no split folders."""
     items: dict[str, list[Item]] = {}
     folders: set[str] = set()
-    for split, folder in split_dirs.items():
+    for split, folder in split_folders(root).items():
         files = []
-        for class_dir in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        for class_dir in class_folders(folder):
             folders.add(class_dir.name)
             label = class_dir.name if spec.class_map is None else spec.class_map.get(class_dir.name)
             if label is None:

@@ -28,7 +28,7 @@ from scipy.sparse.csgraph import connected_components
 from contract.card import InputSpec
 from contract.cli import HelpFormatter
 from contract.preprocessing import ImageError, load_pixels
-from training.data import SPLIT_ALIASES, DataError, image_files
+from training.data import DataError, class_folders, image_files, split_folders
 
 log = logging.getLogger("training.similar_groups")
 
@@ -63,10 +63,9 @@ def similar_groups(vectors: np.ndarray, threshold: float, block: int = 2048) -> 
 
 def images_by_class(root: Path) -> dict[str, list[tuple[Path, Path]]]:
     """class name → (its folder under a split folder or the root, image) over every split folder."""
-    splits = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() in SPLIT_ALIASES]
     found: dict[str, list[tuple[Path, Path]]] = defaultdict(list)
-    for split in splits or [root]:
-        for folder in sorted(d for d in split.iterdir() if d.is_dir() and not d.name.startswith(".")):
+    for split in split_folders(root).values():
+        for folder in class_folders(split):
             found[folder.name] += [(folder, image) for image in image_files(folder)]
     return found
 
