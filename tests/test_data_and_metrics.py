@@ -90,6 +90,33 @@ def test_a_group_pattern_keeps_each_patients_images_in_one_split(tmp_path: Path)
     assert any("dropped 4 training images with an identical copy or an image of its group" in n for n in given.notes)
 
 
+def test_folds_test_every_patient_once(tmp_path: Path) -> None:
+    """Cross-validation (test_fold k of n): the n test splits partition all the images, given splits pooled, each
+    holding whole patients of both classes; validation comes from the other folds."""
+    root = make_image_folder(tmp_path / "data", ["NORMAL", "PNEUMONIA"], per_class=60, size=24, splits=("train", "val"))
+    for letter, folder in zip("ABCD", sorted(root.glob("*/*")), strict=True):
+        for i, image in enumerate(sorted(folder.iterdir())):
+            image.rename(folder / f"patient{letter}{i // 4}_view{i % 4}.png")
+    chest = get_task("chest_xray")
+    spec = chest.with_overrides(
+        input=chest.input.model_copy(update={"height": 16, "width": 16}), group_pattern=r"patient(\w\d+)_"
+    )
+    tests = []
+    for k in (1, 2, 3):
+        data = load_dataset(spec.with_overrides(test_fold=(k, 3)), root, seed=0, cache_dir=tmp_path / "cache")
+        patients = [_patients(split.ids) for split in data.splits.values()]
+        assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+        assert set(data.class_counts("test").values()) == {40} and len(data.splits["val"]) > 0
+        assert f"test split: fold {k} of 3" in " ".join(data.notes)
+        tests.append(set(data.splits["test"].ids))
+    assert not (tests[0] & tests[1] or tests[0] & tests[2] or tests[1] & tests[2])
+    assert len(tests[0] | tests[1] | tests[2]) == 240  # every image of train/ and val/ tested once
+    with pytest.raises(ValueError, match="k of n folds"):
+        spec.with_overrides(test_fold=(4, 3))
+    with pytest.raises(DataError, match="into 31 folds that each hold every class"):  # 30 patients per class
+        load_dataset(spec.with_overrides(test_fold=(1, 31)), root, seed=0, cache_dir=tmp_path / "cache")
+
+
 def test_images_in_a_folder_per_patient_are_read_and_grouped_by_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -6,6 +6,8 @@ tests/test_end_to_end.py then serves over HTTP.
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 from contract.card import ModelCard, sha256_file
-from tests.synthetic import make_image_folder
+from tests.synthetic import make_image_folder, make_mnist_idx
 from tests.tiny_tasks import TINY, Trained, train
 from training import run
 from training.tasks import TASKS
@@ -217,8 +219,6 @@ def test_an_ensemble_member_is_built_as_its_run_built_it(tmp_path: Path) -> None
 
 
 def test_checkpoint_best_can_monitor_validation_accuracy(tmp_path: Path) -> None:
-    import csv
-
     data = make_image_folder(tmp_path / "data", ["COVID", "NORMAL"], per_class=16, size=40)
     assert train("covid", data, tmp_path, "--arch", "compact_cnn", "--image-size", "32", "--epochs", "4",
                  "--recipe", "monitor=val_acc", "--no-export") == 0  # fmt: skip
@@ -237,6 +237,128 @@ def test_a_time_limit_ends_training_before_an_epoch_that_would_overrun_it(tmp_pa
     assert len((run_dir / "history.csv").read_text().splitlines()) == 1 + 1  # the header and one epoch
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["training"]["epochs_run"] == 1 and "accuracy" in metrics["test"]
+
+
+def test_a_resumed_fit_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
+    """Four epochs straight, and two then two more in a fresh model, optimizer and loader (as a new process has,
+    its random state elsewhere): the same weights, learning-rate schedule, early-stopping state and history."""
+    from training.data import Split
+    from training.engine import classification, fit, make_loader
+    from training.tasks import Augment, Recipe
+
+    spec = TASKS["covid"].input.model_copy(update={"height": 16, "width": 16})
+    rng = np.random.default_rng(0)
+    train_split = Split(rng.integers(0, 256, (48, 1, 16, 16), dtype=np.uint8), np.arange(48) % 2, [""] * 48)
+    val_split = Split(rng.integers(0, 256, (16, 1, 16, 16), dtype=np.uint8), np.arange(16) % 2, [""] * 16)
+    # every epoch after the first a plateau (threshold 50 %): the learning rate falls from the second on
+    recipe = Recipe(epochs=4, batch_size=16, lr=0.05, plateau_patience=0, plateau_threshold=0.5)
+
+    def session(run_dir: Path, epochs: int, seed: int, resume: bool = False) -> None:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(), torch.nn.Linear(4, 2),
+        )  # fmt: skip
+        train = make_loader(train_split, spec, 16, Augment(rotation=10, hflip=True), 0, True, 0)
+        val = make_loader(val_split, spec, 16, None, 0, False, 0)
+        recipe_now = dataclasses.replace(recipe, epochs=epochs)
+        fit(model, train, val, classification(None), recipe_now, torch.device("cpu"), run_dir, resume=resume)
+
+    def history(run_dir: Path) -> list[dict]:
+        with open(run_dir / "history.csv") as handle:
+            return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir(), resumed.mkdir()
+    session(straight, 4, seed=0)
+    session(resumed, 2, seed=0)
+    session(resumed, 4, seed=1, resume=True)  # another seed: the random state must come from last.pt
+
+    ends = [torch.load(d / "last.pt", weights_only=True) for d in (straight, resumed)]
+    for name, weights in ends[0]["state_dict"].items():
+        assert torch.equal(weights, ends[1]["state_dict"][name]), name
+    assert ends[0]["scheduler"] == ends[1]["scheduler"]
+    first, second = ({k: v for k, v in end["progress"].items() if k not in ("seconds",)} for end in ends)
+    assert first == second and first["epoch"] == 4 and first["images"] == 4 * 48
+    assert history(straight) == history(resumed) and len(history(resumed)) == 4
+    assert [float(row["lr"]) for row in history(resumed)] == [0.05, 0.05, 0.01, 0.002]  # restored after epoch 2
+
+
+def test_a_run_stopped_by_its_time_limit_goes_on_with_resume(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+) -> None:
+    data = make_image_folder(tmp_path / "data", ["COVID", "NORMAL"], per_class=16, size=40)
+    assert train("covid", data, tmp_path, "--arch", "compact_cnn", "--image-size", "32", "--epochs", "3",
+                 "--time-limit", "0.0001", "--no-export") == 0  # fmt: skip
+    run_dir = next((tmp_path / "runs" / "covid").iterdir())
+    assert json.loads((run_dir / "metrics.json").read_text())["training"]["epochs_run"] == 1
+
+    assert run.main(["--resume", str(run_dir), "--time-limit", "0"]) == 0  # no limit this time
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["training"]["epochs_run"] == 3 and "accuracy" in metrics["test"]
+    assert len((run_dir / "history.csv").read_text().splitlines()) == 1 + 3
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["resumes"] == 1 and config["recipe"]["time_limit_minutes"] == 0 and config["data_fingerprint"]
+    assert list((tmp_path / "runs" / "covid").iterdir()) == [run_dir]  # no second run folder
+
+    assert run.main(["--resume", str(run_dir), "--workers", "0"]) == 0  # finished: evaluates its best again
+    assert "training resumed after epoch 3: nothing more to train" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit):  # settings are the run's own
+        run.main(["--resume", str(run_dir), "--lr", "0.1"])
+    assert "--lr cannot change" in capsys.readouterr().err
+    assert run.main(["--resume", str(run_dir), "--epochs", "0"]) == 2 and "--checkpoint" in caplog.text
+    (data / "train" / "COVID" / "extra.png").write_bytes((data / "train" / "NORMAL").iterdir().__next__().read_bytes())
+    assert run.main(["--resume", str(run_dir), "--epochs", "4"]) == 2
+    assert "not those the run started with" in caplog.text
+    assert run.main(["--resume", str(tmp_path)]) == 2 and "no config.json there" in caplog.text
+
+
+def test_a_resumed_fit_keeps_best_and_last_in_agreement(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A new best is written as best.pt.pending, then the epoch's last.pt, then renamed: a run stopped between
+    the two files keeps the pending best if its last.pt was written (its epoch counts) and drops it otherwise; a run
+    from before last.pt existed cannot be resumed (its best.pt would be overwritten from scratch)."""
+    data = make_image_folder(tmp_path / "data", ["COVID", "NORMAL"], per_class=8, size=32)
+    assert train("covid", data, tmp_path, "--arch", "compact_cnn", "--image-size", "32", "--epochs", "2",
+                 "--no-export") == 0  # fmt: skip
+    run_dir = next((tmp_path / "runs" / "covid").iterdir())
+    best, pending = run_dir / "best.pt", run_dir / "best.pt.pending"
+    state = torch.load(best, weights_only=True)
+    zeros = {name: torch.zeros_like(weights) for name, weights in state["state_dict"].items()}
+
+    def best_is_zeros() -> bool:
+        weights = torch.load(best, weights_only=True)["state_dict"]
+        return all(torch.equal(weights[name], zeros[name]) for name in zeros)
+
+    torch.save(state | {"state_dict": zeros, "epoch": 3}, pending)  # from an epoch 3 that never finished
+    assert run.main(["--resume", str(run_dir)]) == 0
+    assert not pending.exists() and not best_is_zeros()
+    torch.save(state | {"state_dict": zeros}, pending)  # from the best epoch, whose last.pt was written
+    assert run.main(["--resume", str(run_dir)]) == 0
+    assert not pending.exists() and best_is_zeros()
+
+    (run_dir / "last.pt").unlink()
+    assert run.main(["--resume", str(run_dir)]) == 2 and "cannot be resumed" in caplog.text
+    assert best_is_zeros()
+
+
+def test_a_resumed_task_in_stages_extends_only_its_latest_stage(tmp_path: Path) -> None:
+    """mnist trains an autoencoder, a classifier on its code, then fine-tunes both: a stage that a later one started
+    from is final, so more --epochs on --resume go to the stage that was running (the fine-tuning has its own)."""
+    data = make_mnist_idx(tmp_path / "data", train=300, test=60)
+    assert train("mnist", data, tmp_path, "--no-export", "--recipe", "finetune_epochs=2") == 0
+    run_dir = next((tmp_path / "runs" / "mnist").iterdir())
+
+    def epochs() -> list[int]:
+        files = ("history-autoencoder.csv", "history.csv", "history-finetune.csv")
+        return [len((run_dir / f).read_text().splitlines()) - 1 for f in files]
+
+    assert run.main(["--resume", str(run_dir), "--epochs", "2"]) == 0
+    assert epochs() == [1, 1, 2]  # every stage had finished
+    for name in ("last-finetune.pt", "best-finetune.pt", "history-finetune.csv"):
+        (run_dir / name).unlink()  # as if stopped before the fine-tuning's first epoch ended
+    assert run.main(["--resume", str(run_dir), "--epochs", "2"]) == 0
+    assert epochs() == [1, 2, 2]
 
 
 def test_a_negative_time_limit_is_refused_before_any_data_is_read(caplog: pytest.LogCaptureFixture) -> None:
@@ -387,6 +509,25 @@ def test_compare_writes_one_table(tmp_path: Path) -> None:
     assert "depth=1" in table and "depth=2" in table and "test_acc" in table
     rows = json.dumps((tmp_path / "cmp" / "covid" / "depth.csv").read_text())
     assert rows.count("depth=") == 2
+
+
+def test_compare_cross_validates_with_folds(tmp_path: Path) -> None:
+    from training import compare
+
+    data = make_image_folder(tmp_path / "data", ["COVID", "NORMAL"], per_class=16, size=40)
+    extra = ["--arch", "compact_cnn", "--epochs", "1", "--image-size", "32", "--workers", "0"]
+    code = compare.main(["covid", "--data", str(data), "--folds", "2", "--out", str(tmp_path / "cv"), "--", *extra,
+                         "--cache-dir", str(tmp_path / "cache")])  # fmt: skip
+    assert code == 0
+    table = (tmp_path / "cv" / "covid" / "fold.md").read_text()
+    assert "2-fold cross-validation" in table and "| fold=1/2 |" in table and "| fold=2/2 |" in table
+    with open(tmp_path / "cv" / "covid" / "fold.csv") as handle:
+        rows = {row["variant"]: row for row in csv.DictReader(handle)}
+    folds = [float(rows[f"fold={k}/2"]["test_acc"]) for k in (1, 2)]
+    assert float(rows["mean"]["test_acc"]) == pytest.approx(sum(folds) / 2)
+    assert float(rows["sd"]["test_acc"]) == pytest.approx(abs(folds[0] - folds[1]) / 2**0.5)
+    tested = [json.loads(p.read_text())["test"]["n"] for p in (tmp_path / "cv").glob("covid/fold/*/*/*/metrics.json")]
+    assert sorted(tested) == [16, 16]  # the 32 images, each tested once
 
 
 def test_occlusion_scores_the_cards_test_split_with_parts_blacked_out(trained: Trained) -> None:

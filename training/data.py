@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm.auto import tqdm
 
 from contract.preprocessing import ImageError, image_to_pixels, load_pixels
@@ -291,13 +291,34 @@ def _carve(items: list[Item], fraction: float, seed: int, grouping: Grouping) ->
     return [i for k in sorted(rest) for i in groups[k]], [i for k in sorted(taken) for i in groups[k]]
 
 
+def _fold(items: list[Item], fold: tuple[int, int], seed: int, grouping: Grouping) -> tuple[list[Item], list[Item]]:
+    """The rest, and the k-th of n folds of the groups (Grouping), stratified by label, as the held-out part."""
+    k, n = fold
+    groups = grouping.groups(items)
+    keys = sorted(groups)
+    labels = [groups[key][0].label for key in keys]
+    if few := {label: count for label, count in Counter(labels).items() if count < n}:
+        kind = "groups (group_pattern)" if grouping.pattern else "distinct images"
+        raise DataError(f"cannot cut the {kind} into {n} folds that each hold every class: {few} has fewer than {n}")
+    folds = list(StratifiedKFold(n, shuffle=True, random_state=seed).split(keys, labels))
+    held_out = {keys[i] for i in folds[k - 1][1]}
+    rest = [i for key in keys if key not in held_out for i in groups[key]]
+    return rest, [i for key in keys if key in held_out for i in groups[key]]
+
+
 def assign_splits(items: dict[str, list[Item]], spec: TaskSpec, seed: int, notes: list[str]) -> dict[str, list[Item]]:
     grouping = Grouping(spec.group_pattern)
+    if spec.test_fold is not None:  # the splits given are pooled, then cut into folds
+        items = {"train": [item for split_items in items.values() for item in split_items]}
     items = _drop_conflicts_and_leaks(items, grouping, notes)
     if "train" not in items or not items["train"]:
         raise DataError("no training images found")
     total = sum(len(v) for v in items.values())
     by = "groups (group_pattern) kept together, " if spec.group_pattern else ""
+    if spec.test_fold is not None:
+        items["train"], items["test"] = _fold(items["train"], spec.test_fold, seed, grouping)
+        k, n = spec.test_fold
+        notes.append(f"test split: fold {k} of {n} of all images ({by}stratified, --seed {seed})")
     for split, fraction, split_seed in (("test", spec.test_fraction, seed), ("val", spec.val_fraction, seed + 1)):
         if not items.get(split):
             share = fraction * total / len(items["train"])

@@ -1,4 +1,5 @@
-"""The training loop: class-weighted loss, checkpoint-best, reduce-LR-on-plateau, early stopping, AMP on CUDA."""
+"""The training loop: class-weighted loss, checkpoint-best, reduce-LR-on-plateau, early stopping, AMP on CUDA, and
+a resumable state saved after every epoch."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -161,9 +162,112 @@ class FitResult:
     device: str | None = None  # where the checkpoint was trained (an adopted one may come from another machine)
 
 
+def checkpoint_file(run_dir: Path, tag: str | None = None) -> Path:
+    """Where a fit keeps its best weights: best.pt, or best-<tag>.pt for a stage of a task trained in stages."""
+    return run_dir / f"best{'-' + tag if tag else ''}.pt"
+
+
 def history_file(checkpoint: Path) -> Path:
     """The per-epoch history written beside a checkpoint: best[-stage].pt → history[-stage].csv (prefixes kept)."""
     return checkpoint.with_name(checkpoint.stem.replace("best", "history", 1) + ".csv")
+
+
+def last_file(checkpoint: Path) -> Path:
+    """The state saved after every epoch beside a checkpoint, for --resume: best[-stage].pt → last[-stage].pt."""
+    return checkpoint.with_name(checkpoint.name.replace("best", "last", 1))
+
+
+def _pending_file(checkpoint: Path) -> Path:
+    """A new best checkpoint before its epoch's last.pt is written (best.pt.pending): see fit."""
+    return checkpoint.with_name(checkpoint.name + ".pending")
+
+
+EARLY_STOPPING, TIME_LIMIT = "early stopping", "time limit"
+
+
+@dataclass
+class Progress:
+    """Where a fit stands after its last finished epoch (saved in last[-stage].pt with everything else it needs)."""
+
+    epoch: int = 0
+    best_epoch: int = 0
+    best_val_loss: float = float("inf")
+    best_score: float = float("-inf")  # the monitored quantity (-val_loss or val_acc): higher is better
+    stale: int = 0  # epochs since the best
+    last_val_loss: float = float("nan")
+    images: int = 0  # training images seen, all sessions of the run together
+    seconds: float = 0.0  # training and validation time of its epochs, all sessions together
+    stopped_by: str = ""  # EARLY_STOPPING ends a run for good; a time limit or an interruption leaves it resumable
+
+
+@dataclass
+class Trainables:
+    """What a fit changes as it goes, saved together after every epoch (last.pt) and restored by a resumed fit.
+
+    The random state is saved too: the global generator draws the augmentation when there are no loader workers,
+    the loader's own generator the shuffling, so that a resumed run in one process without workers ends exactly
+    as an uninterrupted one (loader workers are seeded afresh, and under torchrun every rank gets rank 0's state).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    scaler: torch.amp.GradScaler
+    loader: DataLoader
+    device: torch.device
+
+    def state(self, progress: Progress) -> dict:
+        return {
+            "progress": asdict(progress),
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "loader_rng": self.loader.generator.get_state() if self.loader.generator is not None else None,
+        }
+
+    def restore(self, state: dict) -> Progress:
+        self.model.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])  # its tensors follow the parameters to their device
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"] and self.scaler.is_enabled():  # empty when saved by a disabled scaler (no AMP, a CPU)
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if state["loader_rng"] is not None and self.loader.generator is not None:
+            self.loader.generator.set_state(state["loader_rng"])
+        return Progress(**state["progress"])
+
+
+def _save(state: dict, path: Path) -> None:
+    """torch.save through a temporary file, so that a run killed while writing never leaves half a checkpoint."""
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    partial.replace(path)
+
+
+def _resume(checkpoint: Path, trainables: Trainables) -> Progress:
+    """Restore last.pt into the fit's parts: where the fit stands (a fresh start if no epoch of it finished)."""
+    last = last_file(checkpoint)
+    if not last.exists():
+        if checkpoint.exists():
+            raise RuntimeError(
+                f"{checkpoint} has no {last.name} beside it (trained before runs saved their state after every epoch, "
+                f"or adopted): it cannot be resumed; train on from its weights with --checkpoint {checkpoint}"
+            )
+        log.warning("%s does not exist (no epoch of this stage finished): training it from its first epoch", last)
+        return Progress()
+    progress = trainables.restore(torch.load(last, map_location="cpu", weights_only=True))
+    pending = _pending_file(checkpoint)
+    if distributed.is_main() and pending.exists():  # stopped between a new best's two files
+        if torch.load(pending, map_location="cpu", weights_only=True)["epoch"] == progress.best_epoch:
+            pending.replace(checkpoint)  # its last.pt was written: the epoch counts, and so does its best
+        else:
+            pending.unlink()  # its epoch never finished: it will run again
+    return progress
 
 
 def _run_epoch(model, loader, objective, device, optimizer=None, scaler=None, amp=False, channels_last=False, desc=""):
@@ -209,11 +313,22 @@ class EpochLog:
 
     COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
 
-    def __init__(self, history: Path, tensorboard_dir: Path | None, tag: str, enabled: bool) -> None:
+    def __init__(
+        self, history: Path, tensorboard_dir: Path | None, tag: str, enabled: bool, kept_epochs: int = 0
+    ) -> None:
+        """`kept_epochs`: a resumed run's rows up to that epoch stay (those of an epoch it did not finish go)."""
         self.tag, self.enabled = tag, enabled
-        self._file = open(history if enabled else os.devnull, "w", newline="")  # noqa: SIM115 (closed by close())
+        if enabled:
+            kept = []
+            if kept_epochs and history.exists():
+                with open(history, newline="") as handle:
+                    kept = [row for row in list(csv.reader(handle))[1:] if int(row[0]) <= kept_epochs]
+            rewritten = history.with_name(history.name + ".partial")  # replaced whole: a kill now keeps the old one
+            with open(rewritten, "w", newline="") as handle:
+                csv.writer(handle).writerows([self.COLUMNS, *kept])
+            rewritten.replace(history)
+        self._file = open(history if enabled else os.devnull, "a", newline="")  # noqa: SIM115 (closed by close())
         self._history = csv.writer(self._file)
-        self._history.writerow(self.COLUMNS)
         self._tensorboard = None
         if tensorboard_dir is not None and enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -258,9 +373,15 @@ def fit(
     channels_last: bool = False,
     tensorboard: bool = False,
     tag: str = "",
+    resume: bool = False,
 ) -> FitResult:
     """Train with checkpoint-best on validation loss (or accuracy, ``recipe.monitor``), reduce-LR-on-plateau and
     early stopping; log every epoch.
+
+    After every epoch ``last[-tag].pt`` holds all that training needs to go on (weights, optimizer, learning-rate
+    schedule, early-stopping counters, random state). With ``resume`` the fit continues from it, after its last
+    finished epoch, up to ``recipe.epochs``; a fit that stopped early is finished and only loads its best weights.
+    ``recipe.time_limit_minutes`` counts this session's time.
 
     Under torchrun the model trains inside DistributedDataParallel; every rank takes the same decisions from the
     summed epoch totals, only rank 0 writes history and checkpoints, and every rank ends with rank 0's best weights.
@@ -283,17 +404,25 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     if recipe.monitor == "val_acc" and objective.accuracy is None:
         raise ValueError("--recipe monitor=val_acc needs a classifier; this objective has no accuracy")
-    checkpoint = run_dir / f"best{'-' + tag if tag else ''}.pt"
+    checkpoint = checkpoint_file(run_dir, tag)
+    trainables = Trainables(model, optimizer, scheduler, scaler, train, device)
+    progress = _resume(checkpoint, trainables) if resume else Progress()
     log = EpochLog(
         history_file(checkpoint),
-        run_dir / "tensorboard" / tag if tensorboard else None,
+        run_dir / "tensorboard" / (tag or "") if tensorboard else None,
         tag,
         enabled=main,
+        kept_epochs=progress.epoch,
     )
-    best_loss, best_epoch, stale, images, started = float("inf"), 0, 0, 0, time.perf_counter()
-    best_score = float("-inf")  # the monitored quantity, higher is better
+    first = progress.epoch + 1
+    if progress.epoch:
+        done = progress.stopped_by == EARLY_STOPPING or first > recipe.epochs
+        log.note(f"{tag or 'training'} resumed after epoch {progress.epoch}{': nothing more to train' if done else ''}")
+        if done:
+            first = recipe.epochs + 1
+    started = time.perf_counter()
     try:
-        for epoch in range(1, recipe.epochs + 1):
+        for epoch in range(first, recipe.epochs + 1):
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             distributed.set_epoch(train, epoch)
@@ -304,42 +433,62 @@ def fit(
             va_loss, va_acc, _ = _run_epoch(
                 model, val, objective, device, amp=amp, channels_last=channels_last, desc="validate"
             )
-            images += n
             seconds = time.perf_counter() - t0
+            progress.epoch, progress.last_val_loss = epoch, va_loss
+            progress.images += n
+            progress.seconds += seconds
             score = va_acc if recipe.monitor == "val_acc" else -va_loss
-            improved = score > best_score + 1e-6
+            improved = score > progress.best_score + 1e-6
             if improved:
-                best_score, best_loss, best_epoch, stale = score, va_loss, epoch, 0
-                if main:
-                    state = {
+                progress.best_score, progress.best_val_loss, progress.best_epoch = score, va_loss, epoch
+                progress.stale = 0
+                if main:  # best.pt once this epoch's last.pt is written (below), so that the two always agree
+                    best = {
                         "state_dict": model.state_dict(),
                         "epoch": epoch,
                         "val_loss": va_loss,
                         "device": str(device),
                     }
-                    torch.save(state, checkpoint)
+                    _save(best, _pending_file(checkpoint))
             else:
-                stale += 1
+                progress.stale += 1
             log.record(epoch, lr, (tr_loss, tr_acc), (va_loss, va_acc), seconds, improved)
             scheduler.step(va_loss)
-            if stale >= recipe.early_stopping_patience:
-                log.note(f"early stopping: no {recipe.monitor} improvement for {stale} epochs")
+            if progress.stale >= recipe.early_stopping_patience:
+                progress.stopped_by = EARLY_STOPPING
+            elif epoch < recipe.epochs and _out_of_time(recipe, time.perf_counter() - started, seconds, device):
+                progress.stopped_by = TIME_LIMIT
+            else:
+                progress.stopped_by = ""  # a time limit of an earlier session no longer holds
+            if main:
+                _save(trainables.state(progress), last_file(checkpoint))
+                if improved:
+                    _pending_file(checkpoint).replace(checkpoint)
+            if progress.stopped_by == EARLY_STOPPING:
+                log.note(f"early stopping: no {recipe.monitor} improvement for {progress.stale} epochs")
                 break
-            if epoch < recipe.epochs and _out_of_time(recipe, time.perf_counter() - started, seconds, device):
+            if progress.stopped_by == TIME_LIMIT:
                 log.note(f"time limit: another epoch would end past {recipe.time_limit_minutes:g} minutes")
                 break
     finally:
         log.close()
-    if best_epoch == 0:  # every validation loss was NaN (or infinite): nothing to evaluate or export
+    if progress.best_epoch == 0:  # every validation loss was NaN (or infinite): nothing to evaluate or export
         raise RuntimeError(
-            f"no epoch of {epoch} gave a finite validation {recipe.monitor.removeprefix('val_')} (last loss "
-            f"{va_loss}): the training diverged; try a lower --lr"
+            f"no epoch of {progress.epoch} gave a finite validation {recipe.monitor.removeprefix('val_')} (last loss "
+            f"{progress.last_val_loss}): the training diverged; try a lower --lr"
         )
-    elapsed = time.perf_counter() - started
     if main:
         model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True)["state_dict"])
     distributed.broadcast_state(model)
-    return FitResult(best_epoch, best_loss, epoch, elapsed, images / elapsed, checkpoint, str(device))
+    return FitResult(
+        progress.best_epoch,
+        progress.best_val_loss,
+        progress.epoch,
+        progress.seconds,
+        progress.images / progress.seconds if progress.seconds else 0.0,
+        checkpoint,
+        str(device),
+    )
 
 
 def adopt_checkpoint(

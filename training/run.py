@@ -35,9 +35,11 @@ from training.engine import (
     Objective,
     adopt_checkpoint,
     balanced_class_weights,
+    checkpoint_file,
     classification,
     fit,
     history_file,
+    last_file,
     make_loader,
     predict,
     reconstruction,
@@ -109,9 +111,39 @@ class RunConfig:
     recipe: dict  # the whole recipe and augmentation, so a card says exactly how its model was trained
     augmentation: dict | None  # None: --no-augment
     task_spec: dict  # the task as trained (TaskSpec.as_dict): rebuilds its splits later, from a task file too
+    data_fingerprint: str = ""  # the splits' (Dataset.fingerprint): a resumed run must find the same ones
+    resumes: int = 0  # how many times --resume continued this run
+
+
+# what --resume takes besides the run folder: where things are on this machine, and how much more to train
+RESUME_OPTIONS = ("data", "epochs", "time_limit", "device", "workers", "cache_dir", "out", "version", "no_export")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.resume is None and (args.task is None or args.data is None):
+        parser.error("a run needs TASK and --data (or --resume RUN_FOLDER to continue one)")
+    args.given = _given_options(parser, argv)
+    if args.resume is not None and (fixed := sorted(args.given - {"resume", *RESUME_OPTIONS})):
+        flags = {action.dest: (action.option_strings or [action.metavar])[0] for action in parser._actions}
+        parser.error(
+            f"--resume continues a run with the settings in its config.json: {', '.join(flags[d] for d in fixed)} "
+            f"cannot change (--resume takes {', '.join(flags[d] for d in RESUME_OPTIONS)})"
+        )
+    return args
+
+
+def _given_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The options on the command line, whatever their values (equal to a default or not)."""
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        if action.option_strings:  # an optional positional's default is converted by its type: TASK keeps None
+            action.default = argparse.SUPPRESS
+    return {dest for dest, value in vars(probe.parse_args(argv)).items() if value is not None}
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.run",
         description="Train one task end to end: load the dataset, augment, train with checkpoint-best, reduce-LR-on-"
@@ -126,8 +158,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         + ".",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("task", type=task_argument, metavar="TASK", help=TASK_HELP)
-    parser.add_argument("--data", required=True, type=Path, help="dataset root (layout per task, see below)")
+    parser.add_argument("task", nargs="?", type=task_argument, metavar="TASK", help=TASK_HELP)
+    parser.add_argument("--data", type=Path, help="dataset root (layout per task, see below); required unless --resume")
     parser.add_argument("--arch", help="architecture (default: the task's)", choices=architectures.list_models())
     parser.add_argument(
         "--pretrained",
@@ -141,7 +173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         metavar="MINUTES",
         help="wall-clock budget for training: no epoch is started that would end past it at the last epoch's pace; "
-        "the best checkpoint so far is then evaluated and exported as usual (autoencoder tasks: per stage)",
+        "the best checkpoint so far is then evaluated and exported as usual (autoencoder tasks: per stage; a resumed "
+        "run: per session)",
     )
     parser.add_argument("--batch-size", type=int, help="batch size")
     parser.add_argument("--lr", type=float, help="initial learning rate")
@@ -198,6 +231,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--val-fraction", type=float, help="share of all images carved out for validation")
     parser.add_argument("--test-fraction", type=float, help="share of all images carved out for testing")
     parser.add_argument(
+        "--fold",
+        type=fold_argument,
+        metavar="K/N",
+        help="cross-validation: test on the K-th of N stratified folds of all the images (every split given pooled; "
+        "a group_pattern's groups kept whole), carve validation from the rest, and do not export: the fold's model "
+        "measures the recipe. training.compare --folds N runs all N and sums them up",
+    )
+    parser.add_argument(
         "--min-sensitivity", type=float, help="binary tasks: threshold = highest with this validation sensitivity"
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
@@ -241,7 +282,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "33 MB instead of 57); they are rounded before evaluation and inference still computes in float32",
     )
     parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard in the run folder")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_FOLDER",
+        help="continue a run that was interrupted or stopped by its time limit, in its own folder (runs/<name>/"
+        "<date-time>), after its last finished epoch: its config.json gives every setting and its last.pt, saved "
+        "after every epoch, the weights, optimizer, learning-rate schedule, early-stopping counters and random state, "
+        "so that in one process without loader workers (--workers 0) it ends as the uninterrupted run would have. "
+        "Only where things are and how much more to train may change: --data (the same images: checked), --epochs "
+        "(a new total), --time-limit (from this session on), --device, --workers, --cache-dir, --out, --version, "
+        "--no-export. A run that stopped early is finished; a task trained in stages (mnist) goes on from the stage "
+        "that was running, the earlier ones final",
+    )
+    return parser
+
+
+def fold_argument(text: str) -> tuple[int, int]:
+    """``"2/5"`` → (2, 5); TaskSpec checks the range."""
+    k, slash, n = text.partition("/")
+    if not (slash and k.isdigit() and n.isdigit()):
+        raise argparse.ArgumentTypeError(f"a fold is K/N, such as 2/5 (the second of five); got {text!r}")
+    return int(k), int(n)
 
 
 def parse_settings(flag: str, target: type, settings: list[str]) -> dict:
@@ -269,6 +331,8 @@ def parse_settings(flag: str, target: type, settings: list[str]) -> dict:
 
 
 def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
+    if args.resume is not None:
+        return resolve_resumed(args)
     spec = resolve_task(args.task)
     recipe_changes = parse_settings("--recipe", Recipe, args.recipe)
     recipe_changes.update(
@@ -293,6 +357,10 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
     for field_name in ("val_fraction", "test_fraction", "min_sensitivity"):
         if getattr(args, field_name) is not None:
             changes[field_name] = getattr(args, field_name)
+    if args.fold is not None:
+        if args.test_fraction is not None:
+            raise ValueError("--fold K/N tests on a fold of all the images: --test-fraction has no part in it")
+        changes["test_fold"] = args.fold
     if args.mirror_average is not None:
         changes["mirror_average"] = args.mirror_average
     if args.augment:
@@ -314,7 +382,6 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
         raise ValueError(f"--arch {arch} has no option --{unknown[0]}; it takes {takes}")
     # another architecture than the task's starts from scratch unless --pretrained says otherwise
     pretrained = (spec.pretrained and arch == spec.arch) if args.pretrained is None else args.pretrained
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     config = RunConfig(
         task=spec.name,
         data=str(args.data),
@@ -326,7 +393,7 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
         batch_size=recipe.batch_size,
         lr=recipe.lr,
         seed=args.seed,
-        device=device,
+        device=_device(args.device),
         workers=args.workers,
         amp=args.amp,
         channels_last=args.channels_last,
@@ -335,7 +402,7 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
         models_dir=str(args.out),
         runs_dir=str(args.runs_dir),
         cache_dir=str(args.cache_dir),
-        export=not args.no_export,
+        export=not args.no_export and args.fold is None,  # a fold's model measures the recipe; it is not served
         version=args.version,
         tensorboard=args.tensorboard,
         checkpoints=[str(path) for path in args.checkpoint or []],
@@ -352,6 +419,49 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
     if len(config.checkpoints) > 1 and config.epochs != 0:
         raise ValueError("several --checkpoint files make an ensemble, evaluated and exported, not trained: --epochs 0")
     return spec, config
+
+
+def _device(choice: str) -> str:
+    return choice if choice != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_resumed(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
+    """--resume RUN_FOLDER: the run's own settings (its config.json), with those of RESUME_OPTIONS given again."""
+    recorded = args.resume / "config.json"
+    if not recorded.is_file():
+        raise ValueError(f"--resume {args.resume}: no config.json there; name a run's folder, runs/<name>/<date-time>")
+    try:
+        config = RunConfig(**json.loads(recorded.read_text()))
+    except (TypeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{recorded} is not a config.json this training.run can resume ({error})") from None
+    if config.epochs == 0 and not config.resumes:  # it adopted checkpoints (--epochs 0) and trained nothing
+        raise ValueError(f"--resume {args.resume}: that run trained nothing (--epochs 0): nothing to resume")
+    if args.epochs == 0:
+        raise ValueError(
+            "--resume trains on; to evaluate and export a run's best weights as they are: python -m training.run "
+            f"{config.task} --data {config.data} --checkpoint {args.resume}/best.pt --epochs 0 (and its other options)"
+        )
+    spec = TaskSpec.from_dict(config.task_spec, origin=str(recorded))
+    more = {k: v for k, v in (("epochs", args.epochs), ("time_limit_minutes", args.time_limit)) if v is not None}
+    spec = spec.with_overrides(recipe=replace(spec.recipe, **more))
+    options = (  # (option, the RunConfig field it sets, its value): those given again replace the recorded ones
+        ("data", "data", str(args.data)),
+        ("device", "device", _device(args.device)),
+        ("workers", "workers", args.workers),
+        ("cache_dir", "cache_dir", str(args.cache_dir)),
+        ("out", "models_dir", str(args.out)),
+        ("version", "version", args.version),
+        ("no_export", "export", not args.no_export),
+    )
+    changes = {field: value for option, field, value in options if option in args.given}
+    return spec, replace(
+        config,
+        **changes,
+        epochs=spec.recipe.epochs,
+        recipe=asdict(spec.recipe),
+        task_spec=spec.as_dict(),
+        resumes=config.resumes + 1,
+    )
 
 
 def _card_fields(
@@ -396,21 +506,29 @@ def _card_fields(
 def _adopted_runs(config: RunConfig) -> dict:
     """With --epochs 0 the weights come from earlier runs: their own settings (config.json beside each checkpoint)
     are what trained the model, so the card keeps them, not only this export's."""
-    if config.epochs or not config.checkpoints:
+    if config.epochs or config.resumes or not config.checkpoints:
         return {}
     configs = [Path(path).with_name("config.json") for path in config.checkpoints]
     return {"trained_by": [json.loads(c.read_text()) if c.exists() else None for c in configs]}
 
 
 def _refuse_replacing(spec: TaskSpec, config: RunConfig, data: Dataset) -> None:
-    """ExportError if a model this run publishes would replace one of another kind or class set (rank 0 reads the
-    repository, every rank gets its answer: under torchrun they must stop together or not at all)."""
+    """ExportError if a model this run publishes would replace one of another kind or class set, or (--version) a
+    version that exists: said before training. Rank 0 reads the repository, every rank gets its answer: under
+    torchrun they must stop together or not at all."""
     published = [(config.name, "classifier", data.classes)]
     if spec.kind == "autoencoder":
         published.append((f"{config.name}_autoencoder", "autoencoder", []))
     problems = []
     if distributed.is_main():
-        problems = [replacement_problem(Path(config.models_dir), *model) for model in published]
+        models = Path(config.models_dir)
+        if config.version is None:
+            problems = [replacement_problem(models, *model) for model in published]
+        else:
+            taken = [models / name / config.version for name, _, _ in published]
+            problems = [
+                f"{folder} already exists; pass another --version or remove it" for folder in taken if folder.exists()
+            ]
     problem = next(filter(None, distributed.broadcast(problems)), None)
     if problem:
         raise ExportError(problem)
@@ -437,10 +555,10 @@ def train_classifier(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir: 
     log.info("%s: %s with %s parameters, %s", spec.name, config.arch, f"{count_parameters(model):,}", data.sizes())
     weights = balanced_class_weights(data.splits["train"].labels, k) if spec.recipe.class_weights else None
     train, val = _loaders(spec, config, data)
-    if config.checkpoints and config.epochs == 0:
+    if config.checkpoints and config.epochs == 0 and not config.resumes:
         model, result, arch = adopt_members(model, spec, config, k, run_dir, device)
         return finish_classifier(spec, config, data, run_dir, device, model, result, config.name, arch)
-    if config.checkpoints:
+    if config.checkpoints and not config.resumes:  # a resumed run's weights come from its last.pt
         state = torch.load(config.checkpoints[0], map_location="cpu", weights_only=True)
         model.load_state_dict(state["state_dict"])
     result = fit(
@@ -454,6 +572,7 @@ def train_classifier(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir: 
         amp=config.amp,
         channels_last=config.channels_last,
         tensorboard=config.tensorboard,
+        resume=config.resumes > 0,
     )
     return finish_classifier(spec, config, data, run_dir, device, model, result, config.name, config.arch)
 
@@ -565,6 +684,9 @@ def finish_classifier(
     return metrics
 
 
+STAGES = ("autoencoder", None, "finetune")  # train_autoencoder's stages in order, by tag
+
+
 def train_autoencoder(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir: Path, device: torch.device) -> dict:
     """Two stages: the autoencoder (MSE), then a classifier on its frozen code. Exports both models.
 
@@ -582,7 +704,10 @@ def train_autoencoder(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir:
 
     def stage(model: nn.Module, objective: Objective, recipe: Recipe, tag: str | None = None) -> FitResult:
         if source is not None:
-            return adopt_checkpoint(model, source / f"best{'-' + tag if tag else ''}.pt", run_dir, device)
+            return adopt_checkpoint(model, checkpoint_file(source, tag), run_dir, device)
+        later = STAGES[STAGES.index(tag) + 1 :]
+        if config.resumes and any(last_file(checkpoint_file(run_dir, t)).exists() for t in later):
+            recipe = replace(recipe, epochs=0)  # a later stage started from this one's best: this one is final
         return fit(
             model,
             train,
@@ -594,6 +719,7 @@ def train_autoencoder(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir:
             amp=config.amp,
             tensorboard=config.tensorboard,
             tag=tag,
+            resume=config.resumes > 0,
         )
 
     stage1 = stage(autoencoder, reconstruction(spec.recipe.reconstruction_loss), spec.recipe, "autoencoder")
@@ -732,11 +858,18 @@ def main(argv: list[str] | None = None) -> int:
         device = distributed.setup(config.device)
         with distributed.main_first():  # rank 0 decodes and caches the images, the others read its cache
             data = load_dataset(spec, Path(config.data), config.seed, Path(config.cache_dir))
-        if config.export and config.version is None:  # said before training, not after it
+        if config.resumes and config.data_fingerprint not in ("", data.fingerprint):
+            raise DataError(
+                f"the images under {config.data} are not those the run started with (their splits' fingerprint was "
+                f"{config.data_fingerprint}, is {data.fingerprint}): resuming would train and test on other splits"
+            )
+        config.data_fingerprint = data.fingerprint
+        if config.export:  # said before training, not after it
             _refuse_replacing(spec, config, data)
         # one folder for all ranks, named by rank 0's clock; only rank 0 writes into it (and publishes). Made once the
-        # data is known to be usable, so that a refused run leaves no folder behind.
-        run_dir = distributed.broadcast(Path(config.runs_dir) / config.name / time.strftime("%Y%m%d-%H%M%S"))
+        # data is known to be usable, so that a refused run leaves no folder behind. A resumed run goes on in its own.
+        run_dir = args.resume or Path(config.runs_dir) / config.name / time.strftime("%Y%m%d-%H%M%S")
+        run_dir = distributed.broadcast(run_dir)
         if distributed.is_main():
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))

@@ -111,6 +111,10 @@ class TaskSpec:
     # matches are equal (the first group's, if it has one) never straddle splits, so that no patient is in two.
     # None: only identical copies of an image are kept together
     group_pattern: str | None = None
+    # (k, n): cross-validation's k-th of n folds is the test split, instead of the test split given or carved (the
+    # images of every split given are pooled, then cut into n stratified folds, groups whole); val is carved from
+    # the rest. training.run --fold k/n, training.compare --folds n
+    test_fold: tuple[int, int] | None = None
     limitations: tuple[str, ...] = ()  # known limitations, measured: written into the model card
     reference: str = ""  # what the reference report achieved, for the README's comparison table
     scratch_reference: str = ""  # the same for models trained without pretrained weights, where it differs
@@ -140,6 +144,10 @@ class TaskSpec:
                 raise ValueError(
                     f"group_pattern {self.group_pattern!r} matches an empty path: it would group every image"
                 )
+        if self.test_fold is not None:
+            k, n = self.test_fold
+            if not (n >= 2 and 1 <= k <= n):
+                raise ValueError(f"the test fold must be k of n folds, n >= 2 and 1 <= k <= n; got {k} of {n}")
 
     def with_overrides(self, **changes) -> TaskSpec:
         return replace(self, **changes)
