@@ -27,7 +27,7 @@ def test_splits_are_stratified_disjoint_and_cached(tmp_path: Path) -> None:
     assert data.class_counts("test") == {"NORMAL": 5, "PNEUMONIA": 5}
     ids = [set(split.ids) for split in data.splits.values()]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
-    assert list(tmp_path.joinpath("cache").glob("*.npz"))
+    assert list(tmp_path.joinpath("cache").glob("*.npy"))
     again = load_dataset(spec, root, seed=0, cache_dir=tmp_path / "cache")
     assert np.array_equal(again.splits["train"].pixels, data.splits["train"].pixels)
     assert again.fingerprint == data.fingerprint
@@ -111,6 +111,7 @@ def test_folds_test_every_patient_once(tmp_path: Path) -> None:
         tests.append(set(data.splits["test"].ids))
     assert not (tests[0] & tests[1] or tests[0] & tests[2] or tests[1] & tests[2])
     assert len(tests[0] | tests[1] | tests[2]) == 240  # every image of train/ and val/ tested once
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # the folds share one cache of decoded images
     with pytest.raises(ValueError, match="k of n folds"):
         spec.with_overrides(test_fold=(4, 3))
     with pytest.raises(DataError, match="into 31 folds that each hold every class"):  # 30 patients per class

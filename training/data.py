@@ -335,8 +335,8 @@ def assign_splits(items: dict[str, list[Item]], spec: TaskSpec, seed: int, notes
 # --- decoding and cache -----------------------------------------------------------------------------------------------
 
 
-def _decode(items: dict[str, list[Item]]) -> dict[str, np.ndarray]:
-    """Every split's pixels; DataError counting the files of any split that cannot be decoded, naming ten."""
+def _decode(items: list[Item]) -> np.ndarray:
+    """The items' pixels, stacked; DataError counting the files that cannot be decoded, naming ten."""
 
     def pixels(item: Item) -> np.ndarray | Exception:
         try:
@@ -344,20 +344,31 @@ def _decode(items: dict[str, list[Item]]) -> dict[str, np.ndarray]:
         except ImageError as error:
             return error
 
-    decoded, failed = {}, []
     with ThreadPoolExecutor() as pool:  # Pillow releases the GIL while decoding
-        for split, split_items in items.items():
-            results = list(
-                tqdm(pool.map(pixels, split_items), total=len(split_items), desc=f"decode {split}", leave=False)
-            )
-            failed += [
-                f"{item.id} ({e})" for item, e in zip(split_items, results, strict=True) if isinstance(e, Exception)
-            ]
-            decoded[split] = results
+        results = list(tqdm(pool.map(pixels, items), total=len(items), desc="decode", leave=False))
+    failed = [f"{item.id} ({e})" for item, e in zip(items, results, strict=True) if isinstance(e, Exception)]
     if failed:
         shown = "; ".join(failed[:10]) + (f"; and {len(failed) - 10} more" if len(failed) > 10 else "")
         raise DataError(f"{len(failed)} image files cannot be decoded; remove or replace them: {shown}")
-    return {split: np.stack(results) for split, results in decoded.items()}
+    return np.stack(results)
+
+
+def _cached_pixels(images: list[Item], spec: TaskSpec, cache_dir: Path) -> np.ndarray:
+    """The images' pixels in their order, decoded once per image set and input contract, whatever split each image
+    is in: another seed or fold of the same images reads the same file (memory-mapped, so only what is used is
+    read)."""
+    content = json.dumps([(item.id, item.digest) for item in images]) + spec.input.model_dump_json()
+    cache_file = Path(cache_dir) / f"{spec.name}-{hashlib.sha256(content.encode()).hexdigest()[:16]}.npy"
+    if cache_file.exists():
+        log.info("loaded decoded images from cache %s", cache_file)
+    else:
+        pixels = _decode(images)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache_file.with_name(cache_file.name + ".partial")
+        with open(partial, "wb") as handle:
+            np.save(handle, pixels)
+        partial.replace(cache_file)
+    return np.load(cache_file, mmap_mode="r", allow_pickle=False)
 
 
 def load_dataset(spec: TaskSpec, root: Path, seed: int = 0, cache_dir: Path = Path(".cache")) -> Dataset:
@@ -389,23 +400,13 @@ def load_dataset(spec: TaskSpec, root: Path, seed: int = 0, cache_dir: Path = Pa
 
     manifest = sorted((split, i.id, i.label, i.digest) for split, lst in items.items() for i in lst)
     fingerprint = hashlib.sha256(json.dumps(manifest).encode()).hexdigest()
-    key = hashlib.sha256((fingerprint + spec.input.model_dump_json()).encode()).hexdigest()[:16]
-    cache_file = Path(cache_dir) / f"{spec.name}-{key}.npz"
-
+    images = sorted((item for split in SPLITS for item in items[split]), key=lambda item: item.id)
+    pixels = _cached_pixels(images, spec, Path(cache_dir))
+    row = {item.id: n for n, item in enumerate(images)}
     index = {c: n for n, c in enumerate(classes)}
-    if cache_file.exists():
-        with np.load(cache_file, allow_pickle=False) as cached:
-            pixels = {split: cached[split] for split in SPLITS}
-        log.info("loaded decoded images from cache %s", cache_file)
-    else:
-        pixels = _decode({split: items[split] for split in SPLITS})
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp.npz")
-        np.savez(tmp, **pixels)
-        tmp.replace(cache_file)
     splits = {
         split: Split(
-            pixels=pixels[split],
+            pixels=pixels[[row[i.id] for i in items[split]]],  # a copy in memory, in the split's order
             labels=np.array([index[i.label] for i in items[split]], dtype=np.int64),
             ids=[i.id for i in items[split]],
         )
