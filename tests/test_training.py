@@ -530,6 +530,15 @@ def test_compare_cross_validates_with_folds(tmp_path: Path) -> None:
     assert sorted(tested) == [16, 16]  # the 32 images, each tested once
 
 
+def test_a_test_fold_from_a_task_file_is_not_exported_either(tmp_path: Path) -> None:
+    task = tmp_path / "covid_fold.toml"
+    task.write_text('base = "covid"\ndescription = "d"\nintended_input = "i"\ntest_fold = [2, 5]\n')
+    spec, config = run.resolve(run.parse_args([str(task), "--data", "x"]))
+    assert spec.test_fold == (2, 5) and not config.export
+    with pytest.raises(ValueError, match="--test-fraction has no part in it"):
+        run.resolve(run.parse_args([str(task), "--data", "x", "--test-fraction", "0.2"]))
+
+
 def test_occlusion_scores_the_cards_test_split_with_parts_blacked_out(trained: Trained) -> None:
     """`python -m training.occlusion`: the whole images score the card's test figures; the variants are as named."""
     from training.occlusion import occluded, occlusion_report

@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(
         prog="python -m training.compare",
-        description="Train one variant per value of an option and write a comparison table (Markdown and CSV). "
-        "Arguments after -- go to every training.run call (for example --epochs 5).",
+        description="Train one variant per value of an option (--vary), or one run per fold of a cross-validation "
+        "(--folds), and write a comparison table (Markdown and CSV). Arguments after -- go to every training.run call "
+        "(for example --epochs 5).",
     )
     parser.add_argument("task", type=task_argument, metavar="TASK", help=TASK_HELP)
     parser.add_argument("--data", required=True, type=Path)

@@ -1,8 +1,8 @@
 """Dataset loading: discover samples, drop duplicates across splits, carve missing splits, decode once and cache.
 
 Every image goes through :func:`contract.preprocessing.load_pixels` (the same code serving runs on uploads), and the
-resulting uint8 arrays are cached on disk keyed by the dataset's content fingerprint and the input spec, so later
-runs and later epochs never decode a JPEG again.
+resulting uint8 arrays are cached on disk keyed by the images (their paths and content) and the input spec, so later
+runs, other seeds and folds of the same images, and later epochs never decode a JPEG again.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -355,19 +356,25 @@ def _decode(items: list[Item]) -> np.ndarray:
 
 def _cached_pixels(images: list[Item], spec: TaskSpec, cache_dir: Path) -> np.ndarray:
     """The images' pixels in their order, decoded once per image set and input contract, whatever split each image
-    is in: another seed or fold of the same images reads the same file (memory-mapped, so only what is used is
-    read)."""
+    is in: another seed or fold of the same images reads the same file. Memory-mapped: the splits copy what they
+    take from it, without a second copy of everything in memory."""
     content = json.dumps([(item.id, item.digest) for item in images]) + spec.input.model_dump_json()
-    cache_file = Path(cache_dir) / f"{spec.name}-{hashlib.sha256(content.encode()).hexdigest()[:16]}.npy"
+    cache_file = cache_dir / f"{spec.name}-{hashlib.sha256(content.encode()).hexdigest()[:16]}.npy"
     if cache_file.exists():
-        log.info("loaded decoded images from cache %s", cache_file)
-    else:
-        pixels = _decode(images)
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache_file.with_name(cache_file.name + ".partial")
-        with open(partial, "wb") as handle:
-            np.save(handle, pixels)
-        partial.replace(cache_file)
+        try:
+            pixels = np.load(cache_file, mmap_mode="r", allow_pickle=False)
+            log.info("loaded decoded images from cache %s", cache_file)
+            return pixels
+        except (OSError, ValueError) as error:
+            log.warning("the cache %s cannot be read (%s): decoding the images again", cache_file, error)
+    pixels = _decode(images)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # a file of this process's own until complete: runs started together (the folds of a cross-validation, say)
+    # each write theirs and the last rename wins, with the same content
+    handle, partial = tempfile.mkstemp(dir=cache_dir, prefix=cache_file.name, suffix=".partial")
+    with os.fdopen(handle, "wb") as file:
+        np.save(file, pixels)
+    os.replace(partial, cache_file)
     return np.load(cache_file, mmap_mode="r", allow_pickle=False)
 
 
@@ -401,8 +408,10 @@ def load_dataset(spec: TaskSpec, root: Path, seed: int = 0, cache_dir: Path = Pa
     manifest = sorted((split, i.id, i.label, i.digest) for split, lst in items.items() for i in lst)
     fingerprint = hashlib.sha256(json.dumps(manifest).encode()).hexdigest()
     images = sorted((item for split in SPLITS for item in items[split]), key=lambda item: item.id)
-    pixels = _cached_pixels(images, spec, Path(cache_dir))
     row = {item.id: n for n, item in enumerate(images)}
+    if len(row) != len(images):  # a source must name each image once: the cache's rows are found by name
+        raise DataError(f"{len(images) - len(row)} images share their id with another: {spec.source} named them twice")
+    pixels = _cached_pixels(images, spec, Path(cache_dir))
     index = {c: n for n, c in enumerate(classes)}
     splits = {
         split: Split(

@@ -314,7 +314,7 @@ class EpochLog:
     COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
 
     def __init__(
-        self, history: Path, tensorboard_dir: Path | None, tag: str, enabled: bool, kept_epochs: int = 0
+        self, history: Path, tensorboard_dir: Path | None, tag: str | None, enabled: bool, kept_epochs: int = 0
     ) -> None:
         """`kept_epochs`: a resumed run's rows up to that epoch stay (those of an epoch it did not finish go)."""
         self.tag, self.enabled = tag, enabled
@@ -372,7 +372,7 @@ def fit(
     amp: bool = False,
     channels_last: bool = False,
     tensorboard: bool = False,
-    tag: str = "",
+    tag: str | None = None,
     resume: bool = False,
 ) -> FitResult:
     """Train with checkpoint-best on validation loss (or accuracy, ``recipe.monitor``), reduce-LR-on-plateau and

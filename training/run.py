@@ -39,7 +39,6 @@ from training.engine import (
     classification,
     fit,
     history_file,
-    last_file,
     make_loader,
     predict,
     reconstruction,
@@ -135,7 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _given_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """The options on the command line, whatever their values (equal to a default or not)."""
+    """The options on the command line, whatever their values (equal to a default or not): the parser parses again
+    with no defaults (argparse offers no public list of a parser's actions; ``_actions`` is the long-stable one)."""
     probe = copy.deepcopy(parser)
     for action in probe._actions:
         if action.option_strings:  # an optional positional's default is converted by its type: TASK keeps None
@@ -358,8 +358,6 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
         if getattr(args, field_name) is not None:
             changes[field_name] = getattr(args, field_name)
     if args.fold is not None:
-        if args.test_fraction is not None:
-            raise ValueError("--fold K/N tests on a fold of all the images: --test-fraction has no part in it")
         changes["test_fold"] = args.fold
     if args.mirror_average is not None:
         changes["mirror_average"] = args.mirror_average
@@ -370,6 +368,8 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
             f"--name {args.name!r}: a model's name is lower-case letters, digits and _ (its folder, routes)"
         )
     spec = spec.with_overrides(**changes)
+    if spec.test_fold is not None and args.test_fraction is not None:
+        raise ValueError("a test fold (--fold K/N) is a fold of all the images: --test-fraction has no part in it")
     arch = args.arch or spec.arch
     options = dict(spec.arch_options) if arch == spec.arch else {}
     for option in ("dropout", "init", "depth", "width", "freeze"):
@@ -402,7 +402,7 @@ def resolve(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
         models_dir=str(args.out),
         runs_dir=str(args.runs_dir),
         cache_dir=str(args.cache_dir),
-        export=not args.no_export and args.fold is None,  # a fold's model measures the recipe; it is not served
+        export=not args.no_export and spec.test_fold is None,  # a fold's model measures the recipe: not served
         version=args.version,
         tensorboard=args.tensorboard,
         checkpoints=[str(path) for path in args.checkpoint or []],
@@ -434,7 +434,7 @@ def resolve_resumed(args: argparse.Namespace) -> tuple[TaskSpec, RunConfig]:
         config = RunConfig(**json.loads(recorded.read_text()))
     except (TypeError, json.JSONDecodeError) as error:
         raise ValueError(f"{recorded} is not a config.json this training.run can resume ({error})") from None
-    if config.epochs == 0 and not config.resumes:  # it adopted checkpoints (--epochs 0) and trained nothing
+    if config.epochs == 0:  # it adopted checkpoints (--epochs 0) and trained nothing (a resumed run never has 0)
         raise ValueError(f"--resume {args.resume}: that run trained nothing (--epochs 0): nothing to resume")
     if args.epochs == 0:
         raise ValueError(
@@ -506,7 +506,7 @@ def _card_fields(
 def _adopted_runs(config: RunConfig) -> dict:
     """With --epochs 0 the weights come from earlier runs: their own settings (config.json beside each checkpoint)
     are what trained the model, so the card keeps them, not only this export's."""
-    if config.epochs or config.resumes or not config.checkpoints:
+    if config.epochs or not config.checkpoints:
         return {}
     configs = [Path(path).with_name("config.json") for path in config.checkpoints]
     return {"trained_by": [json.loads(c.read_text()) if c.exists() else None for c in configs]}
@@ -555,10 +555,10 @@ def train_classifier(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir: 
     log.info("%s: %s with %s parameters, %s", spec.name, config.arch, f"{count_parameters(model):,}", data.sizes())
     weights = balanced_class_weights(data.splits["train"].labels, k) if spec.recipe.class_weights else None
     train, val = _loaders(spec, config, data)
-    if config.checkpoints and config.epochs == 0 and not config.resumes:
+    if config.checkpoints and config.epochs == 0:
         model, result, arch = adopt_members(model, spec, config, k, run_dir, device)
         return finish_classifier(spec, config, data, run_dir, device, model, result, config.name, arch)
-    if config.checkpoints and not config.resumes:  # a resumed run's weights come from its last.pt
+    if config.checkpoints:  # the starting weights; a resumed run's last.pt, if it has one, replaces them
         state = torch.load(config.checkpoints[0], map_location="cpu", weights_only=True)
         model.load_state_dict(state["state_dict"])
     result = fit(
@@ -706,7 +706,7 @@ def train_autoencoder(spec: TaskSpec, config: RunConfig, data: Dataset, run_dir:
         if source is not None:
             return adopt_checkpoint(model, checkpoint_file(source, tag), run_dir, device)
         later = STAGES[STAGES.index(tag) + 1 :]
-        if config.resumes and any(last_file(checkpoint_file(run_dir, t)).exists() for t in later):
+        if config.resumes and any(history_file(checkpoint_file(run_dir, t)).exists() for t in later):
             recipe = replace(recipe, epochs=0)  # a later stage started from this one's best: this one is final
         return fit(
             model,

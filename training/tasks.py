@@ -248,9 +248,9 @@ register_task(
         limitations=(
             "tested on slices of scans whose other slices it trained on: the dataset's images carry no scan ID and "
             "its slices come 32 to a scan. On scans it never saw (the same recipe split by scan, 5-fold "
-            "cross-validation over the 100 scans: python -m training.compare examples/tasks/alzheimer_by_scan.toml "
-            "--folds 5) ROC-AUC 0.56 +- 0.09 (0.45 to 0.71 by fold) and balanced accuracy 0.52: chance level, not for "
-            "new patients' scans",
+            "cross-validation over the 100 scans, examples/tasks/alzheimer_by_scan.toml with --folds 5) ROC-AUC "
+            "0.56 +- 0.09 (0.45 to 0.71 by fold) and balanced accuracy 0.52: chance level, not for new patients' "
+            "scans",
         ),
     )
 )
