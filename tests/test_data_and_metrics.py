@@ -118,6 +118,21 @@ def test_folds_test_every_patient_once(tmp_path: Path) -> None:
         load_dataset(spec.with_overrides(test_fold=(1, 31)), root, seed=0, cache_dir=tmp_path / "cache")
 
 
+def test_a_file_written_whole_replaces_its_target_only_when_complete(tmp_path: Path) -> None:
+    """How checkpoints, the training history and the image cache are written (training.files)."""
+    from training.files import written_whole
+
+    target = tmp_path / "cache.npy"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), written_whole(target) as file:
+        file.write(b"half")
+        raise RuntimeError("killed while writing")
+    assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+    with written_whole(target, "w", newline="") as file:
+        file.write("new")
+    assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
+
+
 def test_images_in_a_folder_per_patient_are_read_and_grouped_by_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm.auto import tqdm
 
 from contract.preprocessing import ImageError, image_to_pixels, load_pixels
+from training.files import written_whole
 from training.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -369,12 +369,8 @@ def _cached_pixels(images: list[Item], spec: TaskSpec, cache_dir: Path) -> np.nd
             log.warning("the cache %s cannot be read (%s): decoding the images again", cache_file, error)
     pixels = _decode(images)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    # a file of this process's own until complete: runs started together (the folds of a cross-validation, say)
-    # each write theirs and the last rename wins, with the same content
-    handle, partial = tempfile.mkstemp(dir=cache_dir, prefix=cache_file.name, suffix=".partial")
-    with os.fdopen(handle, "wb") as file:
+    with written_whole(cache_file) as file:  # runs started together (a cross-validation's folds) each write it whole
         np.save(file, pixels)
-    os.replace(partial, cache_file)
     return np.load(cache_file, mmap_mode="r", allow_pickle=False)
 
 

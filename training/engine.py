@@ -24,6 +24,7 @@ from contract.card import InputSpec
 from contract.preprocessing import normalize
 from training import distributed
 from training.data import Split
+from training.files import written_whole
 from training.tasks import Augment, Recipe
 
 log = logging.getLogger(__name__)
@@ -243,10 +244,8 @@ class Trainables:
 
 
 def _save(state: dict, path: Path) -> None:
-    """torch.save through a temporary file, so that a run killed while writing never leaves half a checkpoint."""
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    partial.replace(path)
+    with written_whole(path) as file:
+        torch.save(state, file)
 
 
 def _resume(checkpoint: Path, trainables: Trainables) -> Progress:
@@ -323,10 +322,8 @@ class EpochLog:
             if kept_epochs and history.exists():
                 with open(history, newline="") as handle:
                     kept = [row for row in list(csv.reader(handle))[1:] if int(row[0]) <= kept_epochs]
-            rewritten = history.with_name(history.name + ".partial")  # replaced whole: a kill now keeps the old one
-            with open(rewritten, "w", newline="") as handle:
-                csv.writer(handle).writerows([self.COLUMNS, *kept])
-            rewritten.replace(history)
+            with written_whole(history, "w", newline="") as file:  # a kill now keeps the old rows
+                csv.writer(file).writerows([self.COLUMNS, *kept])
         self._file = open(history if enabled else os.devnull, "a", newline="")  # noqa: SIM115 (closed by close())
         self._history = csv.writer(self._file)
         self._tensorboard = None
