@@ -19,6 +19,7 @@ from contract.card import ModelCard, sha256_file
 from tests.synthetic import make_image_folder, make_mnist_idx
 from tests.tiny_tasks import TINY, Trained, train
 from training import run
+from training.files import sole_writer
 from training.tasks import TASKS
 
 
@@ -300,6 +301,9 @@ def test_a_run_stopped_by_its_time_limit_goes_on_with_resume(
     config = json.loads((run_dir / "config.json").read_text())
     assert config["resumes"] == 1 and config["recipe"]["time_limit_minutes"] == 0 and config["data_fingerprint"]
     assert list((tmp_path / "runs" / "covid").iterdir()) == [run_dir]  # no second run folder
+    with sole_writer(run_dir):  # as if that run were still going: a second process must not write beside it
+        assert run.main(["--resume", str(run_dir)]) == 2 and "in use by another training process" in caplog.text
+    assert json.loads((run_dir / "config.json").read_text())["resumes"] == 1
 
     assert run.main(["--resume", str(run_dir), "--workers", "0"]) == 0  # finished: evaluates its best again
     assert "training resumed after epoch 3: nothing more to train" in capsys.readouterr().out

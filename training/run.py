@@ -6,6 +6,7 @@ python -m training.run chest_xray --data ../shared/datasets/chest_xray
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -61,6 +62,7 @@ from training.export import (
     store_weights_in_half,
     verify_parity,
 )
+from training.files import sole_writer
 from training.mirror import MirrorAveraged
 from training.task_files import FOLDER_LAYOUT, TASK_HELP, resolve_task, task_argument
 from training.tasks import Augment, Recipe, TaskSpec
@@ -870,14 +872,23 @@ def main(argv: list[str] | None = None) -> int:
         # data is known to be usable, so that a refused run leaves no folder behind. A resumed run goes on in its own.
         run_dir = args.resume or Path(config.runs_dir) / config.name / time.strftime("%Y%m%d-%H%M%S")
         run_dir = distributed.broadcast(run_dir)
-        if distributed.is_main():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
-            log.info("run folder %s (%d processes)", run_dir, distributed.world_size())
-        for note in data.notes:
-            log.info("data: %s", note)
-        trainer = train_autoencoder if spec.kind == "autoencoder" else train_classifier
-        trainer(spec, config, data, run_dir, device)
+        with contextlib.ExitStack() as held:
+            busy = None
+            if distributed.is_main():
+                run_dir.mkdir(parents=True, exist_ok=True)
+                try:
+                    held.enter_context(sole_writer(run_dir))
+                except RuntimeError as error:
+                    busy = str(error)
+            if busy := distributed.broadcast(busy):  # every rank stops, or none
+                raise RuntimeError(busy)
+            if distributed.is_main():
+                (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+                log.info("run folder %s (%d processes)", run_dir, distributed.world_size())
+            for note in data.notes:
+                log.info("data: %s", note)
+            trainer = train_autoencoder if spec.kind == "autoencoder" else train_classifier
+            trainer(spec, config, data, run_dir, device)
         log.info("report in %s", run_dir)
         return 0
     except (DataError, ExportError, ValueError, RuntimeError, KeyError) as error:
